@@ -1,0 +1,1 @@
+"""Training-recipe callbacks, one trick per module."""

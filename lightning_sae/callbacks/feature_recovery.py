@@ -1,0 +1,36 @@
+"""``FeatureRecovery``: how well the decoder recovered known features (synthetic data only)."""
+
+from __future__ import annotations
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from torch import Tensor
+
+
+def mean_max_cosine_similarity(true_directions: Tensor, learned_directions: Tensor) -> Tensor:
+    """MMCS = mean over true features of the largest cosine similarity to any learned direction.
+
+    Sharkey et al. 2022, "Taking features out of superposition with sparse autoencoders".
+    Shapes: [n_true, d] and [n_learned, d].
+    """
+    true_unit = torch.nn.functional.normalize(true_directions.float(), dim=-1)
+    learned_unit = torch.nn.functional.normalize(learned_directions.float(), dim=-1)
+    return (true_unit @ learned_unit.T).max(dim=1).values.mean()
+
+
+class FeatureRecovery(Callback):
+    """Logs ``val/mmcs`` of the decoder rows against the data file's ``ground_truth/features``.
+
+    Does nothing when the data has no ground truth (real activations).
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        truth = datamodule.ground_truth() if hasattr(datamodule, "ground_truth") else None
+        self.true_features = torch.from_numpy(truth["features"]) if truth and "features" in truth else None
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.true_features is None or trainer.sanity_checking:
+            return
+        mmcs = mean_max_cosine_similarity(self.true_features.to(pl_module.device), pl_module.W_dec.detach())
+        pl_module.log("val/mmcs", mmcs)

@@ -1,0 +1,120 @@
+"""The ``lightning_sae`` entry point.
+
+- ``fit`` / ``validate`` / ``test``: LightningCLI over :class:`SparseAutoencoder` and
+  :class:`ActivationDataModule`; d_in, d_out and the input scales are linked from the data file.
+  ``fit`` exports the trained SAE to ``<log dir>/sae/`` and prints the final metrics.
+- ``synth``, ``export``, and the other plain commands below: one function each, whose typed
+  arguments and docstring jsonargparse turns into the command line and its help.
+
+A :class:`~lightning_sae.errors.UserError` anywhere ends the program with its message and exit
+status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonargparse
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_sae.callbacks.feature_recovery import FeatureRecovery
+from lightning_sae.data.datamodule import ActivationDataModule
+from lightning_sae.errors import UserError
+from lightning_sae.export import export
+from lightning_sae.model import SparseAutoencoder
+
+PLAIN_COMMANDS = {
+    "synth": "lightning_sae.data.synth:synth",
+    "export": "lightning_sae.cli:export_checkpoint",
+}
+"""Commands that are one function each: name → ``module:function`` (imported on use)."""
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+class SAECLI(LightningCLI):
+    """LightningCLI with the data → model links, the always-on callbacks and the fit-end export."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for source, target in (
+            ("data.d_in", "model.d_in"),
+            ("data.d_out", "model.d_out"),
+            ("data.input_scale", "model.input_scale"),
+            ("data.target_scale", "model.target_scale"),
+        ):
+            parser.link_arguments(source, target, apply_on="instantiate")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(FeatureRecovery, "feature_recovery")
+
+    def after_fit(self) -> None:
+        """Export the SAE to ``<log dir>/sae`` and print the final validation metrics."""
+        if not self.trainer.is_global_zero:
+            return
+        out = Path(self.trainer.log_dir or ".") / "sae"
+        export(self.model, out, source=self.datamodule.infos[0].attrs)
+        metrics = {name: float(value) for name, value in self.trainer.callback_metrics.items() if name.startswith("val/")}
+        print(format_summary(metrics, out, self.trainer.log_dir))
+
+
+def format_summary(metrics: dict[str, float], export_dir: Path, log_dir: str | None) -> str:
+    """The end-of-fit report: final metrics, then where the logs and the export are."""
+    lines = ["", "final validation metrics:"]
+    lines += [f"  {name:<28} {value:.6g}" for name, value in sorted(metrics.items())]
+    lines += [f"TensorBoard logs: tensorboard --logdir {log_dir}", f"SAELens export:   {export_dir}", ""]
+    return "\n".join(lines)
+
+
+def export_checkpoint(ckpt: Path, out: Path) -> Path:
+    """Export a ``fit`` checkpoint to a directory in SAELens' layout.
+
+    Args:
+        ckpt: Checkpoint written by ``lightning_sae fit``.
+        out: Output directory (cfg.json, sae_weights.safetensors).
+    """
+    import torch
+
+    model = SparseAutoencoder.from_checkpoint(ckpt)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    source = checkpoint.get(ActivationDataModule.__qualname__, {}).get("source")
+    path = export(model, out, source=source)
+    print(f"exported {ckpt} to {path}")
+    return path
+
+
+def _load(spec: str) -> Callable[..., Any]:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _print_overview() -> None:
+    commands = ", ".join((*LIGHTNING_COMMANDS, *PLAIN_COMMANDS))
+    print(f"usage: lightning_sae {{{commands}}} [--help] ...\n")
+    print("  fit/validate/test   train or evaluate an SAE (LightningCLI): lightning_sae fit --config configs/X.yaml")
+    for name in PLAIN_COMMANDS:
+        doc = (_load(PLAIN_COMMANDS[name]).__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:<19} {doc}")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run ``lightning_sae`` with ``args`` (default: the process arguments)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        if not argv or argv[0] in ("-h", "--help"):
+            _print_overview()
+        elif argv[0] in PLAIN_COMMANDS:
+            jsonargparse.CLI(_load(PLAIN_COMMANDS[argv[0]]), args=argv[1:], as_positional=False)
+        else:
+            SAECLI(SparseAutoencoder, ActivationDataModule, args=argv, save_config_kwargs={"overwrite": True})
+    except UserError as error:
+        print(f"lightning_sae: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Activation files: the format, the streaming DataModule, and the commands that write them."""

@@ -1,0 +1,259 @@
+"""Encoder plugins: the nonlinearity that maps pre-activations h = x·W_enc + b_enc to features f.
+
+An encoder is constructed with the dictionary size ``d_sae`` (the model passes it; YAML names the
+class by ``class_path`` and sets the other arguments). A new encoder subclasses :class:`Encoder`
+and implements ``forward``; nothing else needs editing.
+
+Every encoder receives the decoder row norms ‖W_d,i‖ together with h. Selection-based encoders
+(TopK, BatchTopK) rank features by the *effective* activation h_i·‖W_d,i‖ (Anthropic, seed 000:
+"a feature's activation is now f_i‖W_d,i‖"), so folding the decoder norms into the encoder
+(:meth:`Encoder.rescale_`) never changes which features are selected.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sae.errors import UserError
+
+SteVariant = Literal["anthropic", "paper"]
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """The rectangle kernel K(u) = 1 if -1/2 < u < 1/2 else 0 (JumpReLU paper, eq. 10)."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+def _sum_to_features(grad: Tensor) -> Tensor:
+    """Sum a [..., m] gradient over every leading dimension to the [m] parameter shape."""
+    return grad.reshape(-1, grad.shape[-1]).sum(0)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """f = h·H(h − θ), θ = exp(t), with straight-through pseudo-derivatives of bandwidth ε.
+
+    ``variant="anthropic"`` (seed 000):
+        ∂f/∂t = −(exp(t)/ε)·K((h − exp(t))/ε)                      (taken w.r.t. t, as written)
+        ∂f/∂h = H(h − θ) + (exp(t)/ε)·K((h − exp(t))/ε)            (the STE also reaches h,
+                                                                    hence W_enc, b_enc, …)
+    ``variant="paper"`` (Rajamanoharan et al. 2024, eq. 11):
+        ∂f/∂θ = −(θ/ε)·K((h − θ)/ε), chained through θ = exp(t):  ∂f/∂t = −(θ²/ε)·K(...)
+        ∂f/∂h = H(h − θ)                                           (only θ gets the STE)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, pre_acts: Tensor, log_threshold: Tensor, bandwidth: float, variant: str) -> Tensor:
+        threshold = log_threshold.exp()
+        ctx.save_for_backward(pre_acts, threshold)
+        ctx.bandwidth, ctx.variant = bandwidth, variant
+        return pre_acts * (pre_acts > threshold)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        pre_acts, threshold = ctx.saved_tensors
+        window = rectangle((pre_acts - threshold) / ctx.bandwidth)
+        grad_pre_acts = grad * (pre_acts > threshold)
+        jump = grad * window * (threshold / ctx.bandwidth)
+        if ctx.variant == "anthropic":
+            grad_pre_acts = grad_pre_acts + jump
+            grad_log_threshold = -_sum_to_features(jump)
+        else:
+            grad_log_threshold = -_sum_to_features(jump * threshold)
+        return grad_pre_acts, grad_log_threshold, None, None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(h − θ), θ = exp(t): the L0 indicator with straight-through pseudo-derivatives.
+
+    ``variant="anthropic"``: ∂H/∂t = −(1/ε)·K((h − θ)/ε) and ∂H/∂h = +(1/ε)·K((h − θ)/ε).
+    ``variant="paper"`` (Rajamanoharan et al. 2024, eq. 12): ∂H/∂θ = −(1/ε)·K((h − θ)/ε), chained
+    through θ = exp(t) to ∂H/∂t = −(θ/ε)·K(...), and ∂H/∂h = 0.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, pre_acts: Tensor, log_threshold: Tensor, bandwidth: float, variant: str) -> Tensor:
+        threshold = log_threshold.exp()
+        ctx.save_for_backward(pre_acts, threshold)
+        ctx.bandwidth, ctx.variant = bandwidth, variant
+        return (pre_acts > threshold).to(pre_acts.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        pre_acts, threshold = ctx.saved_tensors
+        window = grad * rectangle((pre_acts - threshold) / ctx.bandwidth) / ctx.bandwidth
+        if ctx.variant == "anthropic":
+            return window, -_sum_to_features(window), None, None
+        return torch.zeros_like(pre_acts), -_sum_to_features(window * threshold), None, None
+
+
+class Encoder(nn.Module):
+    """Base class: features f = encoder(h, ‖W_d‖) from pre-activations h [..., d_sae]."""
+
+    saelens_architecture: ClassVar[str] = "standard"
+    """The ``architecture`` an export of this encoder declares in SAELens' cfg.json."""
+
+    def __init__(self, d_sae: int) -> None:
+        super().__init__()
+        self.d_sae = d_sae
+
+    def forward(self, pre_acts: Tensor, decoder_norms: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def threshold(self, decoder_norms: Tensor) -> Tensor:
+        """Per-feature value h_i must exceed to fire, [d_sae] (0 for a ReLU)."""
+        return torch.zeros_like(decoder_norms)
+
+    def rescale_(self, pre_act_scale: Tensor, decoder_norm_scale: Tensor) -> None:
+        """Adjust own parameters after h_i is multiplied by ``pre_act_scale[i]`` and ‖W_d,i‖ by
+        ``decoder_norm_scale[i]`` (both > 0), so that f_i is multiplied by ``pre_act_scale[i]``.
+
+        Folding calls it with products pre_act_scale·decoder_norm_scale equal for all features,
+        so the ranking of effective activations h_i·‖W_d,i‖ is unchanged. Positively homogeneous
+        encoders (ReLU, TopK) have nothing to do.
+        """
+
+    def saelens_config(self) -> dict[str, Any]:
+        """Extra cfg.json entries of an SAELens export (e.g. ``k`` for TopK)."""
+        return {}
+
+
+class ReLU(Encoder):
+    """f = ReLU(h): the standard SAE (Towards Monosemanticity; Bricken et al. 2023)."""
+
+    def forward(self, pre_acts: Tensor, decoder_norms: Tensor) -> Tensor:
+        return torch.relu(pre_acts)
+
+
+class JumpReLU(Encoder):
+    """f = h·H(h − exp(t)) with learned log-thresholds t (seed 000; Rajamanoharan et al. 2024).
+
+    Gradients through the discontinuity use the straight-through estimator of
+    :class:`JumpReLUFunction`, selected by ``ste``.
+    """
+
+    saelens_architecture: ClassVar[str] = "jumprelu"
+
+    def __init__(
+        self,
+        d_sae: int,
+        bandwidth: float = 2.0,
+        initial_log_threshold: float = 0.1,
+        ste: SteVariant = "anthropic",
+    ) -> None:
+        """
+        Args:
+            d_sae: Number of features (set by the model).
+            bandwidth: STE bandwidth ε of the rectangle kernel (seed 000: ε=2).
+            initial_log_threshold: Initial log-threshold t (seed 000: t=0.1).
+            ste: "anthropic": the STE gradient reaches every parameter (seed 000); "paper": only
+                the thresholds (Rajamanoharan et al. 2024).
+        """
+        super().__init__(d_sae)
+        if bandwidth <= 0:
+            raise UserError(f"JumpReLU bandwidth must be positive, got {bandwidth}")
+        if ste not in ("anthropic", "paper"):
+            raise UserError(f"JumpReLU ste must be 'anthropic' or 'paper', got {ste!r}")
+        self.bandwidth = bandwidth
+        self.ste = ste
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), float(initial_log_threshold)))
+
+    def forward(self, pre_acts: Tensor, decoder_norms: Tensor) -> Tensor:
+        return JumpReLUFunction.apply(pre_acts, self.log_threshold, self.bandwidth, self.ste)
+
+    def step(self, pre_acts: Tensor) -> Tensor:
+        """H(h − exp(t)) with this encoder's STE: the differentiable L0 indicator."""
+        return StepFunction.apply(pre_acts, self.log_threshold, self.bandwidth, self.ste)
+
+    def threshold(self, decoder_norms: Tensor) -> Tensor:
+        return self.log_threshold.exp()
+
+    @torch.no_grad()
+    def rescale_(self, pre_act_scale: Tensor, decoder_norm_scale: Tensor) -> None:
+        self.log_threshold.add_(pre_act_scale.log())
+
+
+class TopK(Encoder):
+    """Keep the k largest effective activations h_i·‖W_d,i‖ per row, ReLU'd (Gao et al. 2024)."""
+
+    saelens_architecture: ClassVar[str] = "topk"
+
+    def __init__(self, d_sae: int, k: int = 32) -> None:
+        """
+        Args:
+            d_sae: Number of features (set by the model).
+            k: Active features per row.
+        """
+        super().__init__(d_sae)
+        if not 0 < k <= d_sae:
+            raise UserError(f"TopK k={k} must be between 1 and d_sae={d_sae}")
+        self.k = k
+
+    def forward(self, pre_acts: Tensor, decoder_norms: Tensor) -> Tensor:
+        keys = (pre_acts * decoder_norms).detach()
+        indices = keys.topk(self.k, dim=-1).indices
+        values = torch.relu(pre_acts.gather(-1, indices))
+        return torch.zeros_like(pre_acts).scatter(-1, indices, values)
+
+    def saelens_config(self) -> dict[str, Any]:
+        return {"k": self.k}
+
+
+class BatchTopK(Encoder):
+    """Keep the batch_size·k largest effective activations in the whole batch (Bussmann et al. 2024).
+
+    Training selects over the batch, so rows average k active features. Inference (``eval()``)
+    uses a global threshold on h_i·‖W_d,i‖: a running mean, with momentum, of the smallest
+    selected positive key of each training batch.
+    """
+
+    saelens_architecture: ClassVar[str] = "jumprelu"
+
+    def __init__(self, d_sae: int, k: int = 32, threshold_momentum: float = 0.99) -> None:
+        """
+        Args:
+            d_sae: Number of features (set by the model).
+            k: Active features per row, on average over the batch.
+            threshold_momentum: Momentum of the running inference threshold.
+        """
+        super().__init__(d_sae)
+        if not 0 < k <= d_sae:
+            raise UserError(f"BatchTopK k={k} must be between 1 and d_sae={d_sae}")
+        self.k = k
+        self.threshold_momentum = threshold_momentum
+        self.register_buffer("key_threshold", torch.tensor(-1.0))
+
+    def forward(self, pre_acts: Tensor, decoder_norms: Tensor) -> Tensor:
+        keys = (pre_acts * decoder_norms).detach()
+        if not self.training:
+            return torch.relu(pre_acts) * (keys > self.key_threshold.clamp(min=0))
+        flat_keys = keys.reshape(-1)
+        n_keep = min(self.k * keys[..., 0].numel(), flat_keys.numel())
+        selected = flat_keys.topk(n_keep).indices
+        mask = torch.zeros_like(flat_keys, dtype=torch.bool).index_fill_(0, selected, True).view_as(keys)
+        mask &= keys > 0
+        self._update_threshold(keys[mask])
+        return torch.relu(pre_acts) * mask
+
+    @torch.no_grad()
+    def _update_threshold(self, selected_keys: Tensor) -> None:
+        if selected_keys.numel() == 0:
+            return
+        smallest = selected_keys.min()
+        if self.key_threshold < 0:
+            self.key_threshold.copy_(smallest)
+        else:
+            self.key_threshold.lerp_(smallest, 1 - self.threshold_momentum)
+
+    def threshold(self, decoder_norms: Tensor) -> Tensor:
+        return self.key_threshold.clamp(min=0) / decoder_norms
+
+    @torch.no_grad()
+    def rescale_(self, pre_act_scale: Tensor, decoder_norm_scale: Tensor) -> None:
+        key_scale = pre_act_scale * decoder_norm_scale
+        if not torch.allclose(key_scale, key_scale[0].expand_as(key_scale)):
+            raise ValueError("BatchTopK can only be rescaled by the same key factor for every feature")
+        if self.key_threshold >= 0:
+            self.key_threshold.mul_(key_scale[0])

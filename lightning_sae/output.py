@@ -1,0 +1,30 @@
+"""``SAEOutput``: every tensor one forward pass produces, the input of penalties and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class SAEOutput:
+    """One forward pass, in the model's scaled space (x·input_scale, y·target_scale).
+
+    Shapes: B rows, n = d_in, m = d_sae, o = d_out.
+    """
+
+    input: Tensor
+    """x [B, n], scaled."""
+    target: Tensor
+    """y [B, o], scaled: what the decoder must reconstruct (y = x for an SAE)."""
+    pre_acts: Tensor
+    """h = x·W_enc + b_enc [B, m]."""
+    features: Tensor
+    """f = encoder(h) [B, m]."""
+    reconstruction: Tensor
+    """ŷ = f·W_dec + b_dec [B, o]."""
+    decoder_norms: Tensor
+    """‖W_d,i‖₂ [m], differentiable."""
+    W_dec: Tensor
+    """The decoder weight [m, o] (penalties such as AuxK decode with it)."""

@@ -1,0 +1,173 @@
+"""Penalty plugins: the loss terms added to the reconstruction loss ‖y − ŷ‖².
+
+Each penalty returns its *unweighted* value, averaged over the batch; the model adds
+``coefficient · warmup_factor · value``. ``coefficient`` is the configured (final) value;
+``warmup_factor`` in [0, 1] is what a schedule callback changes during training.
+A new penalty subclasses :class:`Penalty` and implements ``forward``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_sae.encoders import Encoder, JumpReLU
+from lightning_sae.errors import UserError
+from lightning_sae.output import SAEOutput
+
+
+class Penalty(nn.Module):
+    """Base class: a weighted loss term computed from one forward pass."""
+
+    def __init__(self, coefficient: float) -> None:
+        super().__init__()
+        if coefficient < 0:
+            raise UserError(f"{type(self).__name__} coefficient must be >= 0, got {coefficient}")
+        self.coefficient = coefficient
+        self.warmup_factor = 1.0
+
+    @property
+    def name(self) -> str:
+        """snake_case class name, used for logging (``train/<name>``)."""
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(self).__name__).lower()
+
+    @property
+    def current_coefficient(self) -> float:
+        """The coefficient in force now: coefficient · warmup_factor."""
+        return self.coefficient * self.warmup_factor
+
+    def bind(self, d_in: int, d_sae: int, encoder: Encoder) -> None:
+        """Check compatibility with the model and allocate state; called once by the model."""
+
+    def forward(self, out: SAEOutput, encoder: Encoder) -> Tensor:
+        raise NotImplementedError
+
+
+class L1(Penalty):
+    """λ Σ_i |f_i|·‖W_d,i‖₂ (Towards Monosemanticity; seed 002).
+
+    Equal to the L1 norm of the per-feature decoder contributions ‖f_i W_d,i‖₂, computed from the
+    [m] column norms without materialising the [B, m, o] tensor (seed 002's memory trick).
+    """
+
+    def __init__(self, coefficient: float = 5.0) -> None:
+        """
+        Args:
+            coefficient: λ (seed 002: Anthropic used 5 with a summed L2 loss).
+        """
+        super().__init__(coefficient)
+
+    def forward(self, out: SAEOutput, encoder: Encoder) -> Tensor:
+        return (out.features.abs() * out.decoder_norms).sum(-1).mean()
+
+
+class Tanh(Penalty):
+    """λ_S Σ_i tanh(c·|f_i|·‖W_d,i‖₂) (seed 000)."""
+
+    def __init__(self, coefficient: float = 20.0, c: float = 4.0) -> None:
+        """
+        Args:
+            coefficient: λ_S (seed 000: "a reasonable default for λ_S is 20").
+            c: Tanh sharpness (seed 000: c=4).
+        """
+        super().__init__(coefficient)
+        self.c = c
+
+    def forward(self, out: SAEOutput, encoder: Encoder) -> Tensor:
+        return torch.tanh(self.c * out.features.abs() * out.decoder_norms).sum(-1).mean()
+
+
+class L0(Penalty):
+    """λ Σ_i H(h_i − θ_i), trained through the JumpReLU's straight-through estimator.
+
+    Rajamanoharan et al. 2024, eq. 12; needs a :class:`~lightning_sae.encoders.JumpReLU` encoder,
+    whose bandwidth and STE variant it uses.
+    """
+
+    def __init__(self, coefficient: float = 1e-3) -> None:
+        """
+        Args:
+            coefficient: λ, the price of one active feature per row.
+        """
+        super().__init__(coefficient)
+
+    def bind(self, d_in: int, d_sae: int, encoder: Encoder) -> None:
+        if not isinstance(encoder, JumpReLU):
+            raise UserError(f"the L0 penalty needs a JumpReLU encoder, not {type(encoder).__name__}")
+
+    def forward(self, out: SAEOutput, encoder: Encoder) -> Tensor:
+        assert isinstance(encoder, JumpReLU)
+        return encoder.step(out.pre_acts).sum(-1).mean()
+
+
+class PreAct(Penalty):
+    """λ_P Σ_i ReLU(θ_i − h_i)·‖W_d,i‖₂ on the pre-activation h (seed 000's pre-act loss).
+
+    θ_i is the encoder's threshold (exp(t_i) for JumpReLU, 0 for ReLU). The seed writes f_i, but
+    f_i = 0 for an inactive feature would give it no gradient; on h every feature that does not
+    fire is pulled towards its threshold, which is what the recipe uses it for.
+    """
+
+    def __init__(self, coefficient: float = 3e-6) -> None:
+        """
+        Args:
+            coefficient: λ_P (seed 000: 3e-6).
+        """
+        super().__init__(coefficient)
+
+    def forward(self, out: SAEOutput, encoder: Encoder) -> Tensor:
+        gap = torch.relu(encoder.threshold(out.decoder_norms) - out.pre_acts)
+        return (gap * out.decoder_norms).sum(-1).mean()
+
+
+class AuxK(Penalty):
+    """α‖e − ê‖² with e = y − ŷ and ê the decoding of the top-k_aux *dead* features' activations.
+
+    Gao et al. 2024 ("Scaling and evaluating sparse autoencoders", section A.2): gives dead
+    latents of TopK/BatchTopK SAEs a gradient. A feature is dead once it has not fired for
+    ``dead_after_tokens`` training rows (counted over all ranks).
+    """
+
+    def __init__(self, coefficient: float = 1 / 32, k_aux: int | None = None, dead_after_tokens: int = 10_000_000) -> None:
+        """
+        Args:
+            coefficient: α (Gao et al.: 1/32).
+            k_aux: Dead features used for the auxiliary reconstruction (default d_in // 2).
+            dead_after_tokens: Rows without firing after which a feature counts as dead.
+        """
+        super().__init__(coefficient)
+        self.k_aux = k_aux
+        self.dead_after_tokens = dead_after_tokens
+
+    def bind(self, d_in: int, d_sae: int, encoder: Encoder) -> None:
+        self.k_aux = self.k_aux or max(1, d_in // 2)
+        if self.k_aux < 1:
+            raise UserError(f"AuxK k_aux must be >= 1, got {self.k_aux}")
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+
+    def forward(self, out: SAEOutput, encoder: Encoder) -> Tensor:
+        if self.training:
+            self._count(out.features)
+        dead = self.tokens_since_fired >= self.dead_after_tokens
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return out.pre_acts.new_zeros(())
+        dead_pre_acts = out.pre_acts.masked_fill(~dead, float("-inf"))
+        top = dead_pre_acts.topk(min(self.k_aux, n_dead), dim=-1)
+        aux_features = torch.zeros_like(out.pre_acts).scatter(-1, top.indices, torch.relu(top.values))
+        residual = (out.target - out.reconstruction).detach()
+        return (residual - aux_features @ out.W_dec).pow(2).sum(-1).mean()
+
+    @torch.no_grad()
+    def _count(self, features: Tensor) -> None:
+        fired = (features > 0).reshape(-1, features.shape[-1]).any(0)
+        rows = torch.tensor(features[..., 0].numel(), device=features.device)
+        if dist.is_available() and dist.is_initialized():
+            fired = fired.to(torch.uint8)
+            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            dist.all_reduce(rows)
+            fired = fired.bool()
+        self.tokens_since_fired.add_(rows).masked_fill_(fired, 0)

@@ -110,7 +110,7 @@ def main(args: list[str] | None = None) -> None:
         elif argv[0] in PLAIN_COMMANDS:
             jsonargparse.CLI(_load(PLAIN_COMMANDS[argv[0]]), args=argv[1:], as_positional=False)
         else:
-            SAECLI(SparseAutoencoder, ActivationDataModule, args=argv, save_config_kwargs={"overwrite": True})
+            SAECLI(SparseAutoencoder, ActivationDataModule, args=args, save_config_kwargs={"overwrite": True})
     except UserError as error:
         print(f"lightning_sae: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonargparse
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_sae.callbacks.feature_recovery import FeatureRecovery
@@ -38,7 +37,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
 class SAECLI(LightningCLI):
-    """LightningCLI with the data → model links, the always-on callbacks and the fit-end export."""
+    """LightningCLI with the data → model links, the always-on callback and the fit-end export."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in (
@@ -48,8 +47,6 @@ class SAECLI(LightningCLI):
             ("data.target_scale", "model.target_scale"),
         ):
             parser.link_arguments(source, target, apply_on="instantiate")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(FeatureRecovery, "feature_recovery")
 
     def after_fit(self) -> None:

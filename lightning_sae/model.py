@@ -156,6 +156,7 @@ class SparseAutoencoder(LightningModule):
         logs = {f"train/{name}": value.detach() for name, value in terms.items()}
         logs["train/loss"] = total.detach()
         logs["train/l0"] = (out.features > 0).sum(-1).float().mean()
+        logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
         for name, penalty in zip(self.penalty_names, self.penalties):
             logs[f"train/{name}_coefficient"] = penalty.current_coefficient
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
@@ -227,8 +228,10 @@ class SparseAutoencoder(LightningModule):
             raise UserError(f"{path} is not a lightning_sae checkpoint (no plugin description)")
         encoder_spec = checkpoint["plugins"]["encoder"]
         encoder_cls = _import(encoder_spec["class_path"])
+        accepted = inspect.signature(cls.__init__).parameters
+        hyper_parameters = {key: value for key, value in checkpoint["hyper_parameters"].items() if key in accepted}
         model = cls(
-            **checkpoint["hyper_parameters"],
+            **hyper_parameters,
             encoder=lambda d_sae: encoder_cls(d_sae, **encoder_spec["init_args"]),
             penalties=[instantiate(spec) for spec in checkpoint["plugins"]["penalties"]],
         )

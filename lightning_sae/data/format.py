@@ -78,7 +78,7 @@ def read_info(path: str | Path) -> ActivationFileInfo:
         has_targets = TARGETS in file
         if has_targets:
             targets = file[TARGETS]
-            if targets.ndim != 2 or targets.shape[0] != acts.shape[0]:
+            if targets.ndim != 2 or not _rows_match(targets.shape[0], acts.shape[0], n_rows, file):
                 raise UserError(
                     f"{path}: '{TARGETS}' has shape {targets.shape} but '{ACTIVATIONS}' has "
                     f"{acts.shape}; both need the same number of rows"
@@ -86,7 +86,7 @@ def read_info(path: str | Path) -> ActivationFileInfo:
             if targets.dtype not in SUPPORTED_DTYPES:
                 raise UserError(f"{path}: '{TARGETS}' has dtype {targets.dtype}; use float16 or float32")
             d_out = targets.shape[1]
-        if TOKEN_IDS in file and file[TOKEN_IDS].shape[0] != acts.shape[0]:
+        if TOKEN_IDS in file and not _rows_match(file[TOKEN_IDS].shape[0], acts.shape[0], n_rows, file):
             raise UserError(f"{path}: '{TOKEN_IDS}' length differs from '{ACTIVATIONS}' rows")
         chunk_rows = acts.chunks[0] if acts.chunks else min(n_rows, 4096)
         attrs = {key: _plain(value) for key, value in file.attrs.items()}
@@ -151,6 +151,11 @@ def append(
     file.attrs[COMMITTED_ROWS] = stop
     file.flush()
     return stop
+
+
+def _rows_match(rows: int, activation_rows: int, committed: int, file: h5py.File) -> bool:
+    """A companion dataset covers the committed rows (ours) or all rows (a file without the attribute)."""
+    return rows >= committed if COMMITTED_ROWS in file.attrs else rows == activation_rows
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny activation files, CPU only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from lightning_sae.data import format
+from lightning_sae.data.synth import synth
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def toy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic file: 8,192 rows, d_in 16, 32 ground-truth features."""
+    out = tmp_path_factory.mktemp("toy") / "toy.h5"
+    return synth(out=out, n_rows=8192, d_in=16, n_features=32, mean_active=2.0, chunk_rows=512, seed=1)
+
+
+@pytest.fixture(scope="session")
+def transcoder_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small X != Y file: activations [2048, 12], targets [2048, 10] = a fixed linear map of x."""
+    out = tmp_path_factory.mktemp("transcoder") / "transcoder.h5"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2048, 12)).astype(np.float32)
+    y = (x @ rng.standard_normal((12, 10)) / 3).astype(np.float32)
+    with format.create(out, d_in=12, d_out=10, chunk_rows=256) as file:
+        format.append(file, x, y)
+    return out
+
+
+def _write_raw(path: Path, **datasets: np.ndarray) -> Path:
+    with h5py.File(path, "w") as file:
+        for name, value in datasets.items():
+            file[name] = value
+    return path
+
+
+@pytest.fixture
+def write_raw() -> Callable[..., Path]:
+    """``write_raw(path, name=array, ...)``: an HDF5 file written with plain h5py, as another tool would."""
+    return _write_raw
+
+
+def _write_ids(
+    path: Path, n_rows: int, d_in: int = 4, chunk_rows: int = 16, d_out: int | None = None, first_id: int = 0
+) -> Path:
+    """An activation file whose column 0 (of activations and targets) is the row's id ``first_id + i``.
+
+    The other columns are standard normal, so the scale estimate has something to measure.
+    """
+    rng = np.random.default_rng(first_id)
+    ids = np.arange(first_id, first_id + n_rows, dtype=np.float32)
+    x = rng.standard_normal((n_rows, d_in)).astype(np.float32)
+    x[:, 0] = ids
+    y = None
+    if d_out is not None:
+        y = rng.standard_normal((n_rows, d_out)).astype(np.float32)
+        y[:, 0] = ids
+    with format.create(path, d_in=d_in, d_out=d_out, chunk_rows=chunk_rows) as file:
+        format.append(file, x, y)
+    return path
+
+
+@pytest.fixture
+def id_file(tmp_path: Path) -> Callable[..., Path]:
+    """``id_file(name, n_rows, d_in=4, chunk_rows=16, d_out=None, first_id=0)``: a file in tmp_path whose
+    column 0 is a global row id, so a test can tell which rows a batch holds."""
+    return lambda name, n_rows, **kwargs: _write_ids(tmp_path / name, n_rows, **kwargs)

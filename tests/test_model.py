@@ -1,0 +1,92 @@
+"""SparseAutoencoder: initialisation (seed 000), forward pass, loss assembly, plugin round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_sae.encoders import BatchTopK, JumpReLU, ReLU, TopK
+from lightning_sae.errors import UserError
+from lightning_sae.model import SparseAutoencoder, instantiate, plugin_spec
+from lightning_sae.penalties import L0, L1, AuxK, PreAct, Tanh
+
+
+def test_initialisation_matches_the_recipe_when_x_equals_y() -> None:
+    n, m = 64, 1024
+    model = SparseAutoencoder(d_in=n, d_sae=m, encoder=JumpReLU)
+    bound = 1 / math.sqrt(n)
+    assert model.W_dec.abs().max() <= bound
+    # U(-a, a) has variance a²/3
+    assert model.W_dec.var().item() == pytest.approx(bound**2 / 3, rel=0.05)
+    torch.testing.assert_close(model.W_enc, model.W_dec.T * (n / m))
+    assert (model.b_enc == 0).all() and (model.b_dec == 0).all()
+    assert torch.allclose(model.encoder.log_threshold, torch.full((m,), 0.1))
+
+
+def test_initialisation_matches_the_recipe_when_x_differs_from_y() -> None:
+    n, m, o = 32, 512, 24
+    model = SparseAutoencoder(d_in=n, d_sae=m, d_out=o)
+    assert model.W_dec.shape == (m, o) and model.W_dec.abs().max() <= 1 / math.sqrt(n)
+    assert model.W_enc.abs().max() <= 1 / math.sqrt(m)
+    assert model.W_enc.var().item() == pytest.approx(1 / (3 * m), rel=0.05)
+
+
+def test_loss_is_summed_squared_error_plus_weighted_penalties() -> None:
+    model = SparseAutoencoder(d_in=8, d_sae=16, penalties=[L1(coefficient=0.5), Tanh(coefficient=2.0)])
+    model.penalties[1].warmup_factor = 0.5
+    x = torch.randn(4, 8)
+    out = model.forward_pass(x)
+    total, terms = model.loss(out)
+    mse = ((x - out.reconstruction) ** 2).sum(-1).mean()
+    torch.testing.assert_close(terms["mse"], mse)
+    torch.testing.assert_close(total, mse + 0.5 * terms["l1"] + 1.0 * terms["tanh"])
+
+
+def test_forward_works_in_raw_space_and_the_loss_in_scaled_space() -> None:
+    model = SparseAutoencoder(d_in=8, d_sae=16, input_scale=4.0)
+    x = torch.randn(5, 8)
+    out = model.forward_pass(x)
+    torch.testing.assert_close(out.input, 4.0 * x)
+    torch.testing.assert_close(model(x), out.reconstruction / 4.0)
+    torch.testing.assert_close(model.encode(x), out.features)
+
+
+def test_transcoder_scales_targets_separately() -> None:
+    model = SparseAutoencoder(d_in=6, d_sae=12, d_out=4, input_scale=2.0, target_scale=3.0)
+    x, y = torch.randn(3, 6), torch.randn(3, 4)
+    out = model.forward_pass(x, y)
+    torch.testing.assert_close(out.target, 3.0 * y)
+    torch.testing.assert_close(model(x), out.reconstruction / 3.0)
+    with pytest.raises(UserError, match="targets"):
+        model.forward_pass(x)
+
+
+def test_duplicate_penalties_log_under_distinct_names() -> None:
+    model = SparseAutoencoder(d_in=4, d_sae=8, penalties=[L1(), L1(coefficient=1.0)])
+    assert model.penalty_names == ["l1", "l1_2"]
+
+
+@pytest.mark.parametrize(
+    "plugin",
+    [JumpReLU(8, bandwidth=0.3, ste="paper"), TopK(8, k=3), BatchTopK(8, k=2, threshold_momentum=0.9), ReLU(8)],
+)
+def test_encoder_spec_round_trips(plugin: torch.nn.Module) -> None:
+    spec = plugin_spec(plugin, skip=("d_sae",))
+    rebuilt = instantiate({"class_path": spec["class_path"], "init_args": {"d_sae": 8, **spec["init_args"]}})
+    assert type(rebuilt) is type(plugin)
+    assert plugin_spec(rebuilt, skip=("d_sae",)) == spec
+
+
+@pytest.mark.parametrize("plugin", [L1(3.0), Tanh(7.0, c=2.0), L0(0.1), PreAct(1e-5), AuxK(0.5, k_aux=4, dead_after_tokens=99)])
+def test_penalty_spec_round_trips(plugin: torch.nn.Module) -> None:
+    spec = plugin_spec(plugin)
+    assert plugin_spec(instantiate(spec)) == spec
+
+
+def test_bad_dimensions_and_scales_are_refused() -> None:
+    with pytest.raises(UserError, match="positive"):
+        SparseAutoencoder(d_in=0, d_sae=8)
+    with pytest.raises(UserError, match="input_scale"):
+        SparseAutoencoder(d_in=4, d_sae=8, input_scale=float("nan"))

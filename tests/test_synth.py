@@ -1,0 +1,42 @@
+"""The synthetic toy-model-of-superposition file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from lightning_sae.data import format
+from lightning_sae.data.synth import firing_probabilities, synth
+from lightning_sae.errors import UserError
+
+
+def test_rows_are_sparse_sums_of_the_stored_unit_features(tmp_path: Path) -> None:
+    path = synth(out=tmp_path / "t.h5", n_rows=4000, d_in=8, n_features=20, mean_active=3.0, noise=0.0, chunk_rows=512)
+    with h5py.File(path) as file:
+        x = file[format.ACTIVATIONS][()]
+        features = file[format.GROUND_TRUTH]["features"][()]
+        probabilities = file[format.GROUND_TRUTH]["firing_probabilities"][()]
+    assert x.shape == (4000, 8) and features.shape == (20, 8)
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-6)
+    assert probabilities.sum() == pytest.approx(3.0)
+    assert np.all(np.diff(probabilities) < 0), "power-law: decreasing frequencies"
+    # without noise every row lies in the span of the features with non-negative coefficients
+    coefficients, *_ = np.linalg.lstsq(features.T, x.T, rcond=None)
+    np.testing.assert_allclose(features.T @ coefficients, x.T, atol=1e-4)
+    assert format.read_info(path).n_rows == 4000
+
+
+def test_existing_file_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    synth(out=tmp_path / "t.h5", n_rows=10, d_in=4, n_features=8, mean_active=1.0)
+    with pytest.raises(UserError, match="exists"):
+        synth(out=tmp_path / "t.h5", n_rows=10, d_in=4, n_features=8, mean_active=1.0)
+    synth(out=tmp_path / "t.h5", n_rows=20, d_in=4, n_features=8, mean_active=1.0, overwrite=True)
+    assert format.read_info(tmp_path / "t.h5").n_rows == 20
+
+
+def test_impossible_firing_rates_are_refused() -> None:
+    with pytest.raises(UserError, match="above 1"):
+        firing_probabilities(4, mean_active=3.9, exponent=2.0)

@@ -29,6 +29,7 @@ from lightning_sae.model import SparseAutoencoder
 
 PLAIN_COMMANDS = {
     "synth": "lightning_sae.data.synth:synth",
+    "cache": "lightning_sae.data.cache:cache",
     "export": "lightning_sae.cli:export_checkpoint",
 }
 """Commands that are one function each: name → ``module:function`` (imported on use)."""

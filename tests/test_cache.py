@@ -145,7 +145,9 @@ def test_resid_post_equals_hidden_states_without_special_positions(
     assert attrs["model"] == str(model_dir) and attrs["tokenizer"] == str(model_dir)
 
 
-def test_special_positions_kept_on_request(model_dir: Path, text_dir: Path, documents: list[str], tmp_path: Path) -> None:
+def test_special_positions_kept_on_request(
+    model_dir: Path, text_dir: Path, documents: list[str], tmp_path: Path
+) -> None:
     windows = _reference_windows(documents)
     _run(model_dir, text_dir / "doc*.txt", tmp_path / "a.h5", drop_special_tokens=False)
     data = _read(tmp_path / "a.h5")
@@ -154,7 +156,9 @@ def test_special_positions_kept_on_request(model_dir: Path, text_dir: Path, docu
     np.testing.assert_allclose(data["activations"], reference.reshape(-1, 32), atol=1e-5)
 
 
-def test_mlp_sites_equal_a_hook_on_the_mlp(model_dir: Path, text_dir: Path, documents: list[str], tmp_path: Path) -> None:
+def test_mlp_sites_equal_a_hook_on_the_mlp(
+    model_dir: Path, text_dir: Path, documents: list[str], tmp_path: Path
+) -> None:
     windows = _reference_windows(documents)
     keep = torch.from_numpy((windows != BOS) & (windows != EOS))
     reference = _reference(model_dir, windows, layer=2)
@@ -204,7 +208,7 @@ class _Killed(Exception):
 
 
 def _kill_on_append(monkeypatch: pytest.MonkeyPatch, after: int) -> list[int]:
-    """Let ``after`` appends through, then grow the datasets for the next one, write part of it and die.
+    """Let ``after`` appends through, then write the next batch's activations only, uncommitted, and die.
 
     Returns the committed row count seen after each successful append.
     """
@@ -214,9 +218,7 @@ def _kill_on_append(monkeypatch: pytest.MonkeyPatch, after: int) -> list[int]:
     def dying_append(file: h5py.File, activations: np.ndarray, *args: Any) -> int:
         if len(commits) == after:
             start = fmt.committed_rows(file)
-            for name in (fmt.ACTIVATIONS, fmt.TARGETS, fmt.TOKEN_IDS):
-                if name in file:
-                    file[name].resize(start + len(activations), axis=0)
+            file[fmt.ACTIVATIONS].resize(start + len(activations), axis=0)
             file[fmt.ACTIVATIONS][start:] = 1e30
             file.flush()
             raise _Killed
@@ -283,7 +285,9 @@ def test_resume_extends_a_max_tokens_run_and_refuses_a_different_request(
     with pytest.raises(UserError, match="layer=1, this run asks layer=2"):
         _run(model_dir, text, tmp_path / "part.h5", layer=2, resume=True)
     _run(model_dir, text, tmp_path / "part.h5", resume=True)
-    np.testing.assert_array_equal(_read(tmp_path / "part.h5")["activations"], _read(tmp_path / "whole.h5")["activations"])
+    np.testing.assert_array_equal(
+        _read(tmp_path / "part.h5")["activations"], _read(tmp_path / "whole.h5")["activations"]
+    )
     text.write_text(json.dumps({"text": "w1 w2"}) + "\n" + text.read_text())
     with pytest.raises(UserError, match="token ids differ"):
         _run(model_dir, text, tmp_path / "part.h5", resume=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -112,7 +113,9 @@ def cache(
     if not (resume or overwrite):
         existing = [str(path) for path in paths.values() if path.exists()]
         if existing:
-            raise UserError(f"{', '.join(existing)} exists; pass --resume to continue it or --overwrite to replace it")
+            raise UserError(
+                f"{', '.join(existing)} exists; pass --resume true to continue it or --overwrite true to replace it"
+            )
     pieces = _text_source(text, text_field, split)
     model_id, load_kwargs = _model_source(model, gguf_file, revision)
     tokenizer, lm = _load(model_id, load_kwargs, model_dtype, _device(device))
@@ -228,6 +231,8 @@ def _text_source(text: str, text_field: str, split: str) -> Callable[[], Iterato
                 f"{text} is a folder but not one written by datasets' save_to_disk; "
                 "pass a glob such as 'folder/**/*.txt' for text files"
             )
+        if importlib.util.find_spec("datasets") is None:
+            raise UserError("reading a datasets folder needs the 'datasets' package: pip install datasets")
         return lambda: _dataset_pieces(path, text_field, split)
     if any(char in text for char in "*?["):
         files = sorted(Path(name) for name in glob.glob(text, recursive=True) if Path(name).is_file())
@@ -271,11 +276,9 @@ def _record_text(line: str, text_field: str, where: str) -> str:
 
 
 def _dataset_pieces(path: Path, text_field: str, split: str) -> Iterator[Piece]:
-    """Rows of a Hugging Face datasets directory, one document each."""
-    try:
-        import datasets
-    except ImportError as exc:
-        raise UserError("reading a datasets directory needs the 'datasets' package: pip install datasets") from exc
+    """Rows of a Hugging Face datasets folder, one document each."""
+    import datasets
+
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
@@ -300,7 +303,7 @@ def _windows(tokenizer: PreTrainedTokenizerBase, pieces: Iterable[Piece], contex
     stream: list[int] = []
     for group in _batched(pieces, PIECES_PER_TOKENIZER_CALL):
         encoded = tokenizer([piece for piece, _ in group], add_special_tokens=False, verbose=False)["input_ids"]
-        for ids, (_, ends_document) in zip(encoded, group):
+        for ids, (_, ends_document) in zip(encoded, group, strict=True):
             stream.extend(ids)
             if ends_document and separator is not None:
                 stream.append(separator)
@@ -404,11 +407,9 @@ class _Hooks:
         self.captured: Captured = {}
         self.handles: list[RemovableHandle] = []
         for index in layers:
-            module: nn.Module = blocks[index]
-            if site != "resid_post":
-                module = getattr(module, "mlp", None)
-                if not isinstance(module, nn.Module):
-                    raise UserError(f"layer {index} ({type(blocks[index]).__name__}) has no .mlp module; use resid_post")
+            module = blocks[index] if site == "resid_post" else getattr(blocks[index], "mlp", None)
+            if not isinstance(module, nn.Module):
+                raise UserError(f"layer {index} ({type(blocks[index]).__name__}) has no .mlp module; use resid_post")
             hook = self._hook(index, site, stop=index == layers[-1])
             self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
@@ -465,7 +466,7 @@ def _checked(rows: torch.Tensor, where: str, dtype: StorageDtype) -> np.ndarray:
     if peak > FLOAT16_MAX:
         raise UserError(
             f"{where} has an activation of magnitude {peak:.4g}, beyond float16's range ({FLOAT16_MAX:.0f}); "
-            "the rows written so far are valid, but rerun with --dtype float32 --overwrite"
+            "the rows written so far are valid, but rerun with --dtype float32 --overwrite true"
         )
     return rows.to(getattr(torch, dtype)).cpu().numpy()
 
@@ -503,7 +504,7 @@ def _open_output(path: Path, attrs: dict[str, Any], site: Site, dtype: StorageDt
     try:
         file = h5py.File(path, "r+")
     except OSError as exc:
-        raise UserError(f"cannot reopen {path} to resume ({exc}); start over with --overwrite") from exc
+        raise UserError(f"cannot reopen {path} to resume ({exc}); start over with --overwrite true") from exc
     stored = {
         key: value.item() if isinstance(value, np.generic) else value
         for key, value in file.attrs.items()
@@ -511,13 +512,13 @@ def _open_output(path: Path, attrs: dict[str, Any], site: Site, dtype: StorageDt
     }
     if fmt.TOKEN_IDS not in file or stored.keys() != attrs.keys():
         file.close()
-        raise UserError(f"{path} was not written by 'lightning_sae cache'; pass --overwrite to replace it")
+        raise UserError(f"{path} was not written by 'lightning_sae cache'; pass --overwrite true to replace it")
     for key, value in attrs.items():
         if stored[key] != value:
             file.close()
             raise UserError(
                 f"cannot resume {path}: it was written with {key}={stored[key]!r}, this run asks {key}={value!r}; "
-                "use another --output or --overwrite"
+                "use another --output or --overwrite true"
             )
     return file
 
@@ -538,7 +539,9 @@ def _windows_done(file: h5py.File, windows: Iterator[np.ndarray], special_ids: n
         if stop > block_start + len(block):
             block_start, block = rows, stored[rows : min(committed, rows + VERIFY_BLOCK_ROWS)]
         if not np.array_equal(block[rows - block_start : stop - block_start], kept):
-            raise UserError(f"cannot resume {file.filename}: its token ids differ from the text's; did the text change?")
+            raise UserError(
+                f"cannot resume {file.filename}: its token ids differ from the text's; did the text change?"
+            )
         rows, count = stop, count + 1
     if rows == committed:
         return count

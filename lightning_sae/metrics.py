@@ -105,20 +105,15 @@ class _SAEMetric(Metric):
         """Add the batch's contribution to the states; inputs are already checked."""
 
 
-class L0(_SAEMetric):
-    """Mean number of active features per row: L0 = (1/N) Σ_n #{i : f_n,i > 0}.
+class _RowMean(_SAEMetric):
+    """Base of the metrics that average one value per row over every evaluated row."""
 
-    The standard sparsity measure of the SAE literature (e.g. Bricken et al. 2023, "Towards
-    Monosemanticity"). Exact zeros are inactive; negative values would be too, but SAE
-    features are non-negative by construction.
-    """
-
-    active: Tensor
+    total: Tensor
     rows: Tensor
 
     def __init__(self) -> None:
         super().__init__()
-        self._add_sum_state("active", torch.tensor(0, dtype=torch.int64))
+        self._add_sum_state("total", torch.tensor(0.0, dtype=torch.float64))
         self._add_sum_state("rows", torch.tensor(0, dtype=torch.int64))
 
     def _accumulate(
@@ -128,15 +123,43 @@ class L0(_SAEMetric):
         features: Tensor,
         decoder_norms: Tensor | None,
     ) -> None:
-        self.active += (features > 0).sum()
-        self.rows += features.shape[0]
+        self.total += self.row_values(target, reconstruction, features, decoder_norms).sum(dtype=torch.float64)
+        self.rows += target.shape[0]
+
+    @abstractmethod
+    def row_values(
+        self,
+        target: Tensor,
+        reconstruction: Tensor,
+        features: Tensor,
+        decoder_norms: Tensor | None,
+    ) -> Tensor:
+        """The per-row value [B] to average."""
 
     def compute(self) -> Tensor:
-        """Mean active features per row (float32 scalar)."""
-        return (self.active.double() / self.rows).float()
+        """Mean of the per-row values over all rows (float32 scalar)."""
+        return (self.total / self.rows).float()
 
 
-class MSE(_SAEMetric):
+class L0(_RowMean):
+    """Mean number of active features per row: L0 = (1/N) Σ_n #{i : f_n,i > 0}.
+
+    The standard sparsity measure of the SAE literature (e.g. Bricken et al. 2023, "Towards
+    Monosemanticity"). Exact zeros are inactive; negative values would be too, but SAE
+    features are non-negative by construction.
+    """
+
+    def row_values(
+        self,
+        target: Tensor,
+        reconstruction: Tensor,
+        features: Tensor,
+        decoder_norms: Tensor | None,
+    ) -> Tensor:
+        return (features > 0).sum(dim=-1)
+
+
+class MSE(_RowMean):
     """Mean squared reconstruction error per row: MSE = (1/N) Σ_n ‖y_n − ŷ_n‖².
 
     The squared error is *summed* over the d dimensions and averaged over rows only, the
@@ -145,30 +168,16 @@ class MSE(_SAEMetric):
     times ``torch.nn.functional.mse_loss``, which also averages over dimensions.
     """
 
-    squared_error_sum: Tensor
-    rows: Tensor
-
     higher_is_better = False
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._add_sum_state("squared_error_sum", torch.tensor(0.0, dtype=torch.float64))
-        self._add_sum_state("rows", torch.tensor(0, dtype=torch.int64))
-
-    def _accumulate(
+    def row_values(
         self,
         target: Tensor,
         reconstruction: Tensor,
         features: Tensor,
         decoder_norms: Tensor | None,
-    ) -> None:
-        error = _at_least_float32(target) - _at_least_float32(reconstruction)
-        self.squared_error_sum += error.pow(2).sum(dim=-1).sum(dtype=torch.float64)
-        self.rows += target.shape[0]
-
-    def compute(self) -> Tensor:
-        """Mean over rows of the summed squared error (float32 scalar)."""
-        return (self.squared_error_sum / self.rows).float()
+    ) -> Tensor:
+        return (_at_least_float32(target) - _at_least_float32(reconstruction)).pow(2).sum(dim=-1)
 
 
 class FractionOfVarianceUnexplained(_SAEMetric):
@@ -246,39 +255,23 @@ class ExplainedVariance(FractionOfVarianceUnexplained):
         return (1.0 - self._fvu()).float()
 
 
-class CosineSimilarity(_SAEMetric):
+class CosineSimilarity(_RowMean):
     """Mean cosine similarity between target and reconstruction: (1/N) Σ_n cos(y_n, ŷ_n).
 
     cos(y, ŷ) = y·ŷ / (max(‖y‖, ε) · max(‖ŷ‖, ε)) with ε = 1e-8, as in
     ``torch.nn.functional.cosine_similarity``; a zero vector has similarity 0.
     """
 
-    cosine_sum: Tensor
-    rows: Tensor
-
     higher_is_better = True
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._add_sum_state("cosine_sum", torch.tensor(0.0, dtype=torch.float64))
-        self._add_sum_state("rows", torch.tensor(0, dtype=torch.int64))
-
-    def _accumulate(
+    def row_values(
         self,
         target: Tensor,
         reconstruction: Tensor,
         features: Tensor,
         decoder_norms: Tensor | None,
-    ) -> None:
-        cosine = F.cosine_similarity(
-            _at_least_float32(target), _at_least_float32(reconstruction), dim=-1, eps=1e-8
-        )
-        self.cosine_sum += cosine.sum(dtype=torch.float64)
-        self.rows += target.shape[0]
-
-    def compute(self) -> Tensor:
-        """Mean cosine similarity over rows (float32 scalar)."""
-        return (self.cosine_sum / self.rows).float()
+    ) -> Tensor:
+        return F.cosine_similarity(_at_least_float32(target), _at_least_float32(reconstruction), dim=-1, eps=1e-8)
 
 
 class RelativeReconstructionBias(_SAEMetric):
@@ -317,7 +310,7 @@ class RelativeReconstructionBias(_SAEMetric):
         return (self.reconstruction_sum_squares / self.reconstruction_dot_target).float()
 
 
-class L1(_SAEMetric):
+class L1(_RowMean):
     """Mean L1 norm of the feature activations per row: (1/N) Σ_n Σ_i f_n,i.
 
     When ``decoder_norms`` [m] is passed to ``update``, each feature is weighted by the norm
@@ -327,37 +320,21 @@ class L1(_SAEMetric):
     every update or on none.
     """
 
-    l1_sum: Tensor
-    rows: Tensor
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._add_sum_state("l1_sum", torch.tensor(0.0, dtype=torch.float64))
-        self._add_sum_state("rows", torch.tensor(0, dtype=torch.int64))
-
-    def _accumulate(
+    def row_values(
         self,
         target: Tensor,
         reconstruction: Tensor,
         features: Tensor,
         decoder_norms: Tensor | None,
-    ) -> None:
+    ) -> Tensor:
         f = _at_least_float32(features)
         if decoder_norms is None:
-            row_l1 = f.sum(dim=-1)
-        else:
-            if decoder_norms.shape != (features.shape[1],):
-                raise ValueError(
-                    f"decoder_norms must have shape [{features.shape[1]}]; "
-                    f"got {tuple(decoder_norms.shape)}"
-                )
-            row_l1 = f @ decoder_norms.to(f.dtype)
-        self.l1_sum += row_l1.sum(dtype=torch.float64)
-        self.rows += features.shape[0]
-
-    def compute(self) -> Tensor:
-        """Mean (optionally decoder-norm-weighted) L1 norm per row (float32 scalar)."""
-        return (self.l1_sum / self.rows).float()
+            return f.sum(dim=-1)
+        if decoder_norms.shape != (features.shape[1],):
+            raise ValueError(
+                f"decoder_norms must have shape [{features.shape[1]}]; got {tuple(decoder_norms.shape)}"
+            )
+        return f @ decoder_norms.to(f.dtype)
 
 
 class FeatureDensity(_SAEMetric):

@@ -31,6 +31,7 @@ PLAIN_COMMANDS = {
     "synth": "lightning_sae.data.synth:synth",
     "cache": "lightning_sae.data.cache:cache",
     "export": "lightning_sae.cli:export_checkpoint",
+    "evaluate": "lightning_sae.evaluate:evaluate",
 }
 """Commands that are one function each: name → ``module:function`` (imported on use)."""
 

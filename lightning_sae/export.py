@@ -12,32 +12,61 @@ An export holds the model after both foldings: unit-norm decoder rows, working o
 activations. Its directory has SAELens' layout: ``cfg.json``, ``sae_weights.safetensors``
 (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec, ``threshold`` for JumpReLU-type
 encoders) and, when known, ``sparsity.safetensors`` (log10 feature density).
+
+SAELens 6 architectures (checked against sae-lens 6.54): ``standard`` (f = ReLU(x·W_enc + b_enc)),
+``jumprelu`` (f = ReLU(h)·H(h − threshold)), ``topk`` (the k largest h, ReLU'd), and for
+transcoders ``transcoder`` and ``jumprelu_transcoder``, which carry ``d_out``. A BatchTopK SAE
+exports as ``jumprelu``: at inference it is a JumpReLU whose threshold is the global key threshold
+over the (unit) decoder norms. SAELens has no TopK transcoder; one exports as ``topk_transcoder``,
+which :func:`load_export` reads and SAELens does not.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from lightning_sae.encoders import Encoder, JumpReLU, ReLU, TopK
+from lightning_sae.errors import UserError
 from lightning_sae.model import SparseAutoencoder
 
 SAELENS_VERSION = "6.0.0"
 """The SAELens major version whose layout the export follows."""
 
-HOOK_NAMES = {"resid_post": "blocks.{layer}.hook_resid_post", "mlp_out": "blocks.{layer}.hook_mlp_out", "mlp_in_out": "blocks.{layer}.ln2.hook_normalized"}
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+
+HOOK_NAMES = {
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "mlp_in_out": "blocks.{layer}.ln2.hook_normalized",
+}
 """TransformerLens hook names of the cache sites (metadata only; SAELens tools read them)."""
+TRANSCODER_OUTPUT_HOOK = "blocks.{layer}.hook_mlp_out"
+"""The output hook of a transcoder trained on the ``mlp_in_out`` site."""
+
+ENCODERS = {"standard": ReLU, "jumprelu": JumpReLU, "topk": TopK}
+"""Encoder rebuilt by :func:`load_export` for each SAELens base architecture."""
 
 
 @torch.no_grad()
 def fold_decoder_norms_(model: SparseAutoencoder) -> None:
-    """Make every decoder row unit-norm in place, keeping the model's predictions (seed 000)."""
+    """Make every decoder row unit-norm in place, keeping the model's predictions (seed 000).
+
+    An all-zero decoder row (a feature that writes nothing) is left as it is.
+    """
     norms = model.decoder_norms()
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
     model.W_enc.mul_(norms)
     model.b_enc.mul_(norms)
     model.W_dec.div_(norms[:, None])
@@ -81,9 +110,10 @@ def saelens_config(model: SparseAutoencoder, source: dict[str, Any] | None = Non
     """cfg.json: architecture, sizes, and metadata taken from the activation file's attributes."""
     source = source or {}
     layer, site = source.get("layer"), source.get("site")
-    hook_name = HOOK_NAMES[site].format(layer=layer) if site in HOOK_NAMES and layer is not None else None
+    known_hook = site in HOOK_NAMES and layer is not None
+    hook_name = HOOK_NAMES[site].format(layer=layer) if known_hook else None
     config: dict[str, Any] = {
-        "architecture": model.encoder.saelens_architecture,
+        "architecture": saelens_architecture(model),
         "d_in": model.d_in,
         "d_sae": model.d_sae,
         "dtype": "float32",
@@ -99,7 +129,8 @@ def saelens_config(model: SparseAutoencoder, source: dict[str, Any] | None = Non
             "hook_head_index": None,
             "prepend_bos": True,
             "context_size": source.get("context_length"),
-            "dataset_path": source.get("text_source"),
+            "dataset_path": source.get("text"),
+            "exclude_special_tokens": source.get("drop_special_tokens"),
             "trained_with": "lightning_sae",
             "lightning_sae_source": {key: value for key, value in source.items() if _is_json(value)},
         },
@@ -107,7 +138,17 @@ def saelens_config(model: SparseAutoencoder, source: dict[str, Any] | None = Non
     }
     if not model.reconstructs_input:
         config["d_out"] = model.d_out
+        config["metadata"]["hook_name_out"] = TRANSCODER_OUTPUT_HOOK.format(layer=layer) if known_hook else None
     return config
+
+
+def saelens_architecture(model: SparseAutoencoder) -> str:
+    """cfg.json's ``architecture``: the encoder's SAELens name, with SAELens' transcoder naming
+    (``transcoder`` for a ReLU transcoder, ``<name>_transcoder`` otherwise) when d_out is separate."""
+    name = model.encoder.saelens_architecture
+    if model.reconstructs_input:
+        return name
+    return "transcoder" if name == "standard" else f"{name}_transcoder"
 
 
 def export(
@@ -120,11 +161,76 @@ def export(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folded = folded_copy(model)
-    save_file(saelens_weights(folded), out / "sae_weights.safetensors")
+    save_file(saelens_weights(folded), out / WEIGHTS_FILE)
     if log10_feature_density is not None:
-        save_file({"sparsity": log10_feature_density.detach().float().cpu().contiguous()}, out / "sparsity.safetensors")
-    (out / "cfg.json").write_text(json.dumps(saelens_config(model, source), indent=2) + "\n")
+        save_file({"sparsity": log10_feature_density.detach().float().cpu().contiguous()}, out / SPARSITY_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps(saelens_config(model, source), indent=2) + "\n")
     return out
+
+
+def read_export_config(directory: str | Path) -> dict[str, Any]:
+    """The cfg.json of an export directory; raises ``UserError`` when it is missing or unreadable."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{directory} is not an SAE export: {CONFIG_FILE} not found")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or "architecture" not in config:
+        raise UserError(f"{path} has no 'architecture'")
+    return config
+
+
+def load_export(directory: str | Path) -> SparseAutoencoder:
+    """Rebuild a :class:`SparseAutoencoder` from an export (or an SAELens directory of the same layout).
+
+    The model takes raw activations (input_scale = target_scale = 1) and gives the export's
+    outputs: ``standard``/``transcoder`` → ReLU; ``jumprelu``/``jumprelu_transcoder`` → JumpReLU
+    with t = log(threshold) (a BatchTopK export also loads this way, with per-feature thresholds;
+    a zero threshold gives t = −inf, i.e. a ReLU); ``topk``/``topk_transcoder`` → TopK(k). Its
+    decoder rows keep the export's norms. JumpReLU gets its default bandwidth and STE, in raw
+    activation units, for further training.
+
+    SAELens files with ``apply_b_dec_to_input`` (h = (x − b_dec)·W_enc + b_enc) are folded to
+    b_enc' = b_enc − b_dec·W_enc; run-time activation normalisation and TopK's
+    ``rescale_acts_by_decoder_norm`` are not supported.
+    """
+    directory = Path(directory)
+    config = read_export_config(directory)
+    architecture = str(config["architecture"])
+    is_transcoder = architecture.endswith("transcoder")
+    base = "standard" if architecture == "transcoder" else architecture.removesuffix("_transcoder")
+    if base not in ENCODERS:
+        raise UserError(
+            f"{directory}: architecture {architecture!r} is not supported "
+            f"(expected {', '.join(sorted(ENCODERS))} or a transcoder of these)"
+        )
+    if config.get("normalize_activations", "none") != "none":
+        raise UserError(f"{directory}: normalize_activations={config['normalize_activations']!r} is not supported")
+    if base == "topk" and config.get("rescale_acts_by_decoder_norm", False):
+        raise UserError(f"{directory}: rescale_acts_by_decoder_norm=true is not supported")
+    names = ("W_enc", "b_enc", "W_dec", "b_dec", *(("threshold",) if base == "jumprelu" else ()))
+    weights = _read_weights(directory / WEIGHTS_FILE, names)
+    d_in, d_sae = weights["W_enc"].shape
+    d_out = weights["W_dec"].shape[1]
+    _check_shapes(directory, weights, config, is_transcoder)
+    if base == "jumprelu" and bool((weights["threshold"] < 0).any()):
+        raise UserError(f"{directory}: negative JumpReLU thresholds are not supported")
+    model = SparseAutoencoder(
+        d_in=d_in,
+        d_sae=d_sae,
+        d_out=d_out if is_transcoder else None,
+        encoder=_encoder_factory(base, config, directory),
+    )
+    if config.get("apply_b_dec_to_input", False):
+        weights["b_enc"] = weights["b_enc"] - weights["b_dec"] @ weights["W_enc"]
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(model, name).copy_(weights[name])
+        if base == "jumprelu":
+            model.encoder.log_threshold.copy_(weights["threshold"].log())
+    return model.eval()
 
 
 def _is_json(value: Any) -> bool:
@@ -133,3 +239,41 @@ def _is_json(value: Any) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _read_weights(path: Path, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """The named float32 tensors of an SAE weights file; raises ``UserError`` when one is missing."""
+    if not path.is_file():
+        raise UserError(f"{path.parent} is not an SAE export: {path.name} not found")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(tensors))})")
+    return {name: tensors[name].float() for name in names}
+
+
+def _check_shapes(directory: Path, weights: dict[str, Tensor], config: dict[str, Any], is_transcoder: bool) -> None:
+    """Raise ``UserError`` unless the tensors agree with each other and with cfg.json's sizes."""
+    d_in, d_sae = weights["W_enc"].shape
+    d_out = weights["W_dec"].shape[1]
+    if not is_transcoder and d_out != d_in:
+        raise UserError(f"{directory}: W_dec has {d_out} columns but W_enc has {d_in} rows; is it a transcoder?")
+    expected = {"b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,), "threshold": (d_sae,)}
+    for name, shape in expected.items():
+        if name in weights and tuple(weights[name].shape) != shape:
+            raise UserError(f"{directory}: {name} has shape {tuple(weights[name].shape)}, expected {shape}")
+    for key, size in (("d_in", d_in), ("d_sae", d_sae), ("d_out", d_out)):
+        if key in config and config[key] != size:
+            raise UserError(f"{directory}: cfg.json says {key}={config[key]} but the weights have {size}")
+
+
+def _encoder_factory(base: str, config: dict[str, Any], directory: Path) -> Callable[[int], Encoder]:
+    """The ``encoder`` argument of :class:`SparseAutoencoder` for a SAELens base architecture."""
+    if base != "topk":
+        return ENCODERS[base]
+    if not isinstance(config.get("k"), int):
+        raise UserError(f"{directory}: a topk cfg.json needs an integer 'k'")
+    return functools.partial(TopK, k=config["k"])

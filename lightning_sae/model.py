@@ -238,6 +238,13 @@ class SparseAutoencoder(LightningModule):
         model.load_state_dict(checkpoint["state_dict"])
         return model
 
+    @classmethod
+    def from_export(cls, directory: str | Path) -> SparseAutoencoder:
+        """Rebuild a model from an export directory (see :func:`lightning_sae.export.load_export`)."""
+        from lightning_sae.export import load_export
+
+        return load_export(directory)
+
 
 def plugin_spec(plugin: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """``{"class_path", "init_args"}`` of an encoder or penalty, read back from its attributes.

@@ -21,10 +21,12 @@ from typing import Any
 import jsonargparse
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_sae.callbacks.dead_features import DeadFeatureTracker
 from lightning_sae.callbacks.feature_recovery import FeatureRecovery
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.errors import UserError
 from lightning_sae.export import export
+from lightning_sae.metrics import log10_feature_density
 from lightning_sae.model import SparseAutoencoder
 
 PLAIN_COMMANDS = {
@@ -56,7 +58,10 @@ class SAECLI(LightningCLI):
         if not self.trainer.is_global_zero:
             return
         out = Path(self.trainer.log_dir or ".") / "sae"
-        export(self.model, out, source=self.datamodule.infos[0].attrs)
+        trackers = [callback for callback in self.trainer.callbacks if isinstance(callback, DeadFeatureTracker)]
+        density = trackers[0].feature_density() if trackers else None
+        log10_density = None if density is None else log10_feature_density(density)
+        export(self.model, out, source=self.datamodule.infos[0].attrs, log10_feature_density=log10_density)
         metrics = {name: float(value) for name, value in self.trainer.callback_metrics.items() if name.startswith("val/")}
         print(format_summary(metrics, out, self.trainer.log_dir))
 

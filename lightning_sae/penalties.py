@@ -9,6 +9,7 @@ A new penalty subclasses :class:`Penalty` and implements ``forward``.
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,9 @@ from lightning_sae.output import SAEOutput
 
 class Penalty(nn.Module):
     """Base class: a weighted loss term computed from one forward pass."""
+
+    sparsity: ClassVar[bool] = False
+    """Whether the penalty prices active features (a sparsity penalty, warmed up by default)."""
 
     def __init__(self, coefficient: float) -> None:
         super().__init__()
@@ -53,6 +57,8 @@ class L1(Penalty):
     [m] column norms without materialising the [B, m, o] tensor (seed 002's memory trick).
     """
 
+    sparsity: ClassVar[bool] = True
+
     def __init__(self, coefficient: float = 5.0) -> None:
         """
         Args:
@@ -66,6 +72,8 @@ class L1(Penalty):
 
 class Tanh(Penalty):
     """λ_S Σ_i tanh(c·|f_i|·‖W_d,i‖₂) (seed 000)."""
+
+    sparsity: ClassVar[bool] = True
 
     def __init__(self, coefficient: float = 20.0, c: float = 4.0) -> None:
         """
@@ -86,6 +94,8 @@ class L0(Penalty):
     Rajamanoharan et al. 2024, eq. 12; needs a :class:`~lightning_sae.encoders.JumpReLU` encoder,
     whose bandwidth and STE variant it uses.
     """
+
+    sparsity: ClassVar[bool] = True
 
     def __init__(self, coefficient: float = 1e-3) -> None:
         """

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from lightning import Callback, Trainer
 
 from lightning_sae.data import format
+from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.data.synth import synth
 
 
@@ -76,3 +79,33 @@ def id_file(tmp_path: Path) -> Callable[..., Path]:
     """``id_file(name, n_rows, d_in=4, chunk_rows=16, d_out=None, first_id=0)``: a file in tmp_path whose
     column 0 is a global row id, so a test can tell which rows a batch holds."""
     return lambda name, n_rows, **kwargs: _write_ids(tmp_path / name, n_rows, **kwargs)
+
+
+# ------------------------------------------------------------------- training-recipe callbacks
+def _callback_trainer(max_steps: int, callbacks: list[Callback], **kwargs: Any) -> Trainer:
+    """A quiet CPU Trainer: no logger, checkpoints, progress bar, model summary nor validation."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": max_steps,
+        "callbacks": callbacks,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+    }
+    return Trainer(**{**options, **kwargs})
+
+
+@pytest.fixture
+def callback_trainer() -> Callable[..., Trainer]:
+    """``callback_trainer(max_steps, callbacks, **trainer_kwargs)``: see ``_callback_trainer``."""
+    return _callback_trainer
+
+
+@pytest.fixture
+def toy_data(toy_file: Path) -> Callable[..., ActivationDataModule]:
+    """``toy_data(**kwargs)``: an ActivationDataModule over ``toy_file``, batches of 64 rows, 512 held out."""
+    defaults: dict[str, int] = {"batch_size": 64, "val_rows": 512, "buffer_rows": 512, "scale_sample_rows": 1024}
+    return lambda **kwargs: ActivationDataModule(str(toy_file), **{**defaults, **kwargs})

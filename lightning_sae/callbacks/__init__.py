@@ -1,1 +1,17 @@
 """Training-recipe callbacks, one trick per module."""
+
+from lightning_sae.callbacks.calibration import EncoderBiasCalibration
+from lightning_sae.callbacks.dead_features import DeadFeatureTracker
+from lightning_sae.callbacks.feature_recovery import FeatureRecovery
+from lightning_sae.callbacks.folding import DecoderNormFolding
+from lightning_sae.callbacks.resampling import Resampling
+from lightning_sae.callbacks.sparsity_warmup import SparsityWarmup
+
+__all__ = [
+    "DeadFeatureTracker",
+    "DecoderNormFolding",
+    "EncoderBiasCalibration",
+    "FeatureRecovery",
+    "Resampling",
+    "SparsityWarmup",
+]

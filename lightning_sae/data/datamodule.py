@@ -2,12 +2,20 @@
 
 The files' dimensions and the input scaling constant are read at construction, so LightningCLI
 can link them into the model (``d_in``, ``d_out``, ``input_scale``, ``target_scale``) and
-nobody types them twice.
+nobody types them twice. The estimate is deterministic, and a resumed model keeps the scales
+saved in its checkpoint.
+
+Checkpoints carry the position in the training stream, so a resumed run neither replays nor skips
+rows, provided it runs with the same data, devices, workers, batch size, buffer and seed (else the
+interrupted epoch restarts from its first batch, with a warning). Under DDP every rank yields the
+same number of batches; ``stream`` says which rows that leaves out of an epoch.
 """
 
 from __future__ import annotations
 
 import glob
+import warnings
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -15,11 +23,16 @@ from typing import Any
 import h5py
 import numpy as np
 from lightning import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
 from lightning_sae.data.format import ACTIVATIONS, GROUND_TRUTH, TARGETS, ActivationFileInfo, read_info
 from lightning_sae.data.stream import ActivationStream, RowBlock, read_block, split_blocks
 from lightning_sae.errors import UserError
+
+MID_EPOCH_RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
 class ActivationDataModule(LightningDataModule):
@@ -42,7 +55,8 @@ class ActivationDataModule(LightningDataModule):
             batch_size: Rows per batch on each device (seed 000 uses 32,768 in total).
             val_rows: Rows held out for validation, taken from the end of the last file.
             shuffle: Shuffle blocks and rows (seed 001 found this mattered little; keep it measurable).
-            buffer_rows: Rows in the shuffle buffer of each data-loading worker.
+            buffer_rows: Rows in the shuffle buffer of each data-loading worker (or of the main
+                process), rounded down to whole batches; it is the loader's one large allocation.
             num_workers: DataLoader worker processes per device.
             seed: Seed of the shuffling.
             scale_sample_rows: Training rows sampled to estimate the input scaling constant.
@@ -59,6 +73,7 @@ class ActivationDataModule(LightningDataModule):
         self.seed = seed
         self.scale_sample_rows = scale_sample_rows
         self.train_blocks, self.val_blocks = split_blocks(self.infos, val_rows)
+        self._resume_position: dict[str, Any] | None = None
         if not self.train_blocks:
             raise UserError(f"no training rows left after holding out val_rows={val_rows}")
 
@@ -114,19 +129,49 @@ class ActivationDataModule(LightningDataModule):
             return {name: dataset[()] for name, dataset in file[GROUND_TRUTH].items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the first file's source attributes (model, layer, site, ...)."""
-        return {"source": self.infos[0].attrs}
+        """Saved in checkpoints: the first file's source attributes (model, layer, site, ...) and,
+        while fitting, the position in the training stream.
+
+        The position is the epoch and the batches of it the training loop has taken
+        (``batch_progress.current.ready``); the loop's own prefetched batch is not counted, since
+        a resumed run fetches it again.
+        """
+        state: dict[str, Any] = {"source": self.infos[0].attrs}
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            state["position"] = {
+                "epoch": self.trainer.current_epoch,
+                "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+                "layout": self._layout(),
+            }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remember the saved stream position; the training loader's first pass starts there.
+
+        Lightning warns on a mid-epoch resume unless the DataLoader itself is stateful; with a saved
+        position the warning ("unreliable results") is false, so it is silenced.
+        """
+        self._resume_position = state_dict.get("position")
+        if self._resume_position is not None:
+            warnings.filterwarnings("ignore", MID_EPOCH_RESUME_WARNING, PossibleUserWarning)
 
     def setup(self, stage: str) -> None:
         self.train_stream = self._stream(self.train_blocks, shuffle=self.shuffle, drop_last=True)
         self.val_stream = self._stream(self.val_blocks, shuffle=False, drop_last=False)
+        shards = f"{self.train_stream.world_size} device(s) × {max(1, self.num_workers)} worker(s)"
+        if stage == "fit" and len(self.train_stream) == 0:
+            raise UserError(
+                f"the {self.train_stream.rows} training rows make no batch of batch_size={self.batch_size} "
+                f"on each of {shards}: lower batch_size"
+            )
+        if self.val_rows > 0 and len(self.val_stream) == 0:
+            raise UserError(f"val_rows={self.val_rows} leaves no validation row for each of {shards}: raise it")
 
     def _stream(self, blocks: list[RowBlock], shuffle: bool, drop_last: bool) -> ActivationStream:
         return ActivationStream(
-            self.paths,
+            self.infos,
             blocks,
             batch_size=self.batch_size,
-            with_targets=self.d_out is not None,
             shuffle=shuffle,
             buffer_rows=self.buffer_rows,
             seed=self.seed,
@@ -134,19 +179,86 @@ class ActivationDataModule(LightningDataModule):
             drop_last=drop_last,
         )
 
-    def _loader(self, stream: ActivationStream) -> DataLoader:
-        return DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _layout(self) -> dict[str, Any]:
+        """What decides which rows each batch holds; a saved position is only valid under the same."""
+        stream = self.train_stream
+        return {
+            "rows": stream.rows,
+            "blocks": len(stream.blocks),
+            "batch_size": self.batch_size,
+            "window_rows": stream.window_rows,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "world_size": stream.world_size,
+            "num_workers": self.num_workers,
+        }
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_stream)
+        return StreamLoader(self.train_stream, self.num_workers, before_pass=self._position_train_stream)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_stream)
+        return StreamLoader(self.val_stream, self.num_workers)
+
+    def _position_train_stream(self, stream: ActivationStream) -> None:
+        """Start a pass over the training rows at the trainer's epoch, less what a resumed run consumed.
+
+        Following the trainer rather than counting passes keeps the data right however Lightning
+        resumes (it may pass over an epoch that the checkpoint had already finished).
+        """
+        if self.trainer is None:
+            return
+        epoch = self.trainer.current_epoch
+        position, self._resume_position = self._resume_position, None
+        skip = 0
+        if position is not None and position["layout"] != self._layout():
+            rank_zero_warn(
+                f"the checkpoint's data layout {position['layout']} differs from this run's "
+                f"{self._layout()}: epoch {position['epoch']} restarts from its first batch"
+            )
+        elif position is not None and position["epoch"] == epoch:
+            skip = position["batches"]
+        stream.seek(epoch, skip)
+
+
+class StreamLoader(DataLoader):
+    """The DataLoader of an :class:`ActivationStream`: one pass is one epoch.
+
+    Workers are started afresh at every pass (not persistent), so each gets the stream as the main
+    process holds it: ``before_pass`` can set the epoch and the batches to skip. A worker's
+    ``UserError`` is re-raised with the worker's own message: torch would re-raise it with the
+    worker's whole traceback as the message, which the command line prints.
+    """
+
+    def __init__(
+        self,
+        stream: ActivationStream,
+        num_workers: int,
+        before_pass: Callable[[ActivationStream], None] | None = None,
+    ) -> None:
+        super().__init__(stream, batch_size=None, num_workers=num_workers)
+        self.before_pass = before_pass
+
+    def __iter__(self) -> Iterator[Any]:
+        stream = self.dataset
+        assert isinstance(stream, ActivationStream)
+        if self.before_pass is not None:
+            self.before_pass(stream)
+        try:
+            iterator = super().__iter__()
+            if self.num_workers > 0:
+                # The workers iterate copies: advance the epoch here, as iterating would.
+                stream.seek(stream.epoch + 1, 0)
+            yield from iterator
+        except UserError as error:
+            raise UserError(worker_message(str(error))) from None
+
+
+def worker_message(text: str) -> str:
+    """The original message of a ``UserError`` re-raised from a DataLoader worker, else ``text``."""
+    marker = f"{UserError.__module__}.{UserError.__qualname__}: "
+    if text.startswith(f"Caught {UserError.__name__} in DataLoader worker") and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
 
 
 def expand_paths(path: str | list[str]) -> list[Path]:

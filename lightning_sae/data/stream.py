@@ -1,21 +1,35 @@
 """``ActivationStream``: batches of rows streamed from HDF5 files through a shuffle buffer.
 
 Files are cut into :class:`RowBlock` s (one HDF5 chunk each, so a block is one contiguous read).
-Each epoch the blocks are permuted (seeded by ``seed`` and the epoch) and dealt round-robin to
-every (rank, worker) pair, so ranks and workers read disjoint rows and their union covers the
-data once. A worker reads its blocks into a buffer of about ``buffer_rows`` rows, permutes the
-buffer, and cuts whole batches from it: memory stays bounded by the buffer.
+Each epoch the blocks are permuted (seeded by ``seed`` and the epoch; file order when shuffling is
+off) and the concatenated rows are cut into equal contiguous shards, one per (rank, worker) pair:
+ranks and workers read disjoint rows and their union covers the data once.
 
-Each pass over the stream is one epoch: the epoch counter advances at every ``iter()``, in the
-main process or in each (persistent) worker alike, so all of them agree on the permutation.
+A shard is read in windows of ``buffer_rows`` rows (rounded down to whole batches) straight into
+one preallocated buffer; the window's rows are permuted (seeded by seed, epoch, shard and window)
+and cut into batches by one gather each. Memory stays bounded by the buffer (one per worker), a
+resumed run skips whole windows without reading them, and the kernel is asked to read the next
+window from the disk while this one is served. Without shuffling, each batch is read straight
+from the file and no buffer is kept.
 
-Every rank yields the same number of batches (DDP would hang otherwise): worker w of every rank
-yields min over ranks r of ⌊rows(r, w) / batch_size⌋ batches, which each rank computes alike.
+Every shard yields the same number of batches, so every rank does (DDP would hang otherwise).
+Training (``drop_last``) shards hold ``n·batch_size`` rows each with n = ⌊rows / (shards·batch_size)⌋:
+the last ``rows mod (shards·batch_size)`` rows of each epoch's block order are left out, fewer than
+``world_size·num_workers·batch_size`` rows, different ones every epoch when shuffling. Validation
+shards split the rows evenly and each yields ⌈⌊rows / shards⌋ / batch_size⌉ batches, the last one
+short; only when ⌊rows / shards⌋ is a multiple of batch_size do shards holding one row more leave
+that row out.
+
+Each pass over the stream is one epoch: ``iter()`` yields epoch ``epoch`` and advances it.
+:meth:`ActivationStream.seek` sets the next epoch and the batches of it already consumed, before
+the DataLoader copies the stream into its workers (``datamodule.StreamLoader``).
 """
 
 from __future__ import annotations
 
-import math
+import bisect
+import itertools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +56,31 @@ class RowBlock:
     @property
     def rows(self) -> int:
         return self.stop - self.start
+
+
+class BlockSequence:
+    """Blocks read one after another, addressed by row position in their concatenation."""
+
+    def __init__(self, blocks: list[RowBlock]) -> None:
+        self.blocks = blocks
+        self.ends = list(itertools.accumulate(block.rows for block in blocks))
+
+    @property
+    def rows(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def slice(self, start: int, stop: int) -> list[RowBlock]:
+        """Rows ``[start, stop)`` of the concatenation, as blocks clipped to that range."""
+        pieces: list[RowBlock] = []
+        index = bisect.bisect_right(self.ends, start)
+        while index < len(self.blocks) and start < stop:
+            block = self.blocks[index]
+            offset = self.ends[index] - block.rows
+            piece_stop = min(stop, self.ends[index])
+            pieces.append(RowBlock(block.file, block.start + start - offset, block.start + piece_stop - offset))
+            start = piece_stop
+            index += 1
+        return pieces
 
 
 def split_blocks(infos: list[ActivationFileInfo], val_rows: int) -> tuple[list[RowBlock], list[RowBlock]]:
@@ -71,15 +110,45 @@ def split_blocks(infos: list[ActivationFileInfo], val_rows: int) -> tuple[list[R
     return train, val
 
 
+def read_into(dataset: h5py.Dataset, block: RowBlock, out: np.ndarray) -> None:
+    """Read ``block``'s rows of ``dataset`` straight into ``out`` and check they are finite.
+
+    Reading into the caller's array (one copy, no temporary) keeps the shuffle buffer the only
+    large allocation. Errors name the file and the row, since they may surface far from here.
+    """
+    name = dataset.name.lstrip("/")
+    try:
+        dataset.read_direct(out, source_sel=np.s_[block.start : block.stop])
+    except OSError as exc:
+        raise UserError(
+            f"{dataset.file.filename}: cannot read '{name}' rows {block.start}-{block.stop} ({exc}); "
+            "is the file truncated or corrupted?"
+        ) from exc
+    if not all_finite(out):
+        bad = block.start + int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
+        raise UserError(f"{dataset.file.filename}: '{name}' row {bad} holds NaN or Inf; clean or re-cache the file")
+
+
+def all_finite(rows: np.ndarray) -> bool:
+    """Whether no value of ``rows`` is NaN or ±Inf.
+
+    numpy computes float16 ufuncs one converted value at a time (slower than the read itself), so
+    float16 is tested on its exponent bits: all ones means NaN or Inf.
+    """
+    if rows.dtype == np.float16:
+        return bool(np.bitwise_and(rows.view(np.uint16), 0x7C00).max(initial=0) != 0x7C00)
+    return bool(np.isfinite(rows).all())
+
+
 def read_block(file: h5py.File, block: RowBlock, with_targets: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rows of one block (activations, targets or None), checked to be finite."""
-    x = file[ACTIVATIONS][block.start : block.stop]
-    y = file[TARGETS][block.start : block.stop] if with_targets else None
-    for name, rows in ((ACTIVATIONS, x), (TARGETS, y)):
-        if rows is not None and not np.isfinite(rows).all():
-            bad = block.start + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
-            raise UserError(f"{file.filename}: '{name}' row {bad} holds NaN or Inf; clean or re-cache the file")
-    return x, y
+    """Rows of one block (activations, targets or None) in new arrays, checked to be finite."""
+    arrays: list[np.ndarray] = []
+    for name in (ACTIVATIONS, TARGETS) if with_targets else (ACTIVATIONS,):
+        dataset = file[name]
+        out = np.empty((block.rows, dataset.shape[1]), dtype=dataset.dtype)
+        read_into(dataset, block, out)
+        arrays.append(out)
+    return arrays[0], arrays[1] if with_targets else None
 
 
 def distributed_position() -> tuple[int, int]:
@@ -89,15 +158,84 @@ def distributed_position() -> tuple[int, int]:
     return 0, 1
 
 
+class OpenFiles:
+    """The files one pass reads, opened on first use by the process that iterates (a worker)."""
+
+    def __init__(self, paths: list[Path], with_targets: bool) -> None:
+        self.paths = paths
+        self.names = (ACTIVATIONS, TARGETS) if with_targets else (ACTIVATIONS,)
+        self.files: dict[int, h5py.File] = {}
+        self.opened: dict[int, list[h5py.Dataset]] = {}
+
+    def datasets(self, index: int) -> list[h5py.Dataset]:
+        """``activations`` (and ``targets``) of file ``index``, looked up once: a lookup costs a
+        fifth of a 4 MiB read."""
+        if index not in self.opened:
+            self.files[index] = h5py.File(self.paths[index], "r")
+            self.opened[index] = [self.files[index][name] for name in self.names]
+        return self.opened[index]
+
+    def read(self, pieces: list[RowBlock], x: np.ndarray, y: np.ndarray | None) -> None:
+        """Read ``pieces`` one after another into ``x`` (and ``y``)."""
+        position = 0
+        for piece in pieces:
+            datasets = self.datasets(piece.file)
+            read_into(datasets[0], piece, x[position : position + piece.rows])
+            if y is not None:
+                read_into(datasets[1], piece, y[position : position + piece.rows])
+            position += piece.rows
+
+    def read_ahead(self, pieces: list[RowBlock]) -> None:
+        """Ask the kernel to start reading ``pieces`` from the disk (``posix_fadvise`` WILLNEED).
+
+        Only a hint: files not on the default (sec2) driver and layouts without a simple byte
+        range per block are left to the kernel's own read-ahead.
+        """
+        for piece in pieces:
+            datasets = self.datasets(piece.file)
+            file = self.files[piece.file]
+            if file.driver != "sec2":
+                continue
+            descriptor = file.id.get_vfd_handle()
+            for dataset in datasets:
+                for offset, size in byte_ranges(dataset, piece):
+                    os.posix_fadvise(descriptor, offset, size, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        for file in self.files.values():
+            file.close()
+
+
+def byte_ranges(dataset: h5py.Dataset, block: RowBlock) -> Iterator[tuple[int, int]]:
+    """(offset, size) in the file of the bytes holding ``block``'s rows of ``dataset``.
+
+    Known for a contiguous dataset and for chunks spanning whole rows; none otherwise.
+    """
+    if dataset.chunks is None:
+        offset = dataset.id.get_offset()
+        if offset is not None:
+            row_bytes = dataset.shape[1] * dataset.dtype.itemsize
+            yield offset + block.start * row_bytes, block.rows * row_bytes
+    elif dataset.chunks[1] == dataset.shape[1]:
+        chunk_rows = dataset.chunks[0]
+        for start in range(block.start - block.start % chunk_rows, block.stop, chunk_rows):
+            info = dataset.id.get_chunk_info_by_coord((start, 0))
+            if info.byte_offset is not None:
+                yield info.byte_offset, info.size
+
+
 class ActivationStream(IterableDataset):
-    """Yields ``(x, y)`` batches (``y is x`` without targets) in the files' stored dtype."""
+    """Yields ``(x, y)`` batches (``y is x`` without targets) in the files' stored dtype.
+
+    The rank and world size are read at construction (after the process group is up, in the
+    datamodule's ``setup``), so workers need no process group of their own.
+    """
 
     def __init__(
         self,
-        paths: list[Path],
+        infos: list[ActivationFileInfo],
         blocks: list[RowBlock],
         batch_size: int,
-        with_targets: bool,
         shuffle: bool = True,
         buffer_rows: int = 262_144,
         seed: int = 0,
@@ -106,86 +244,115 @@ class ActivationStream(IterableDataset):
     ) -> None:
         if batch_size < 1:
             raise UserError(f"batch_size must be positive, got {batch_size}")
-        self.paths = paths
+        self.paths = [info.path for info in infos]
+        self.with_targets = infos[0].has_targets
+        self.widths = (infos[0].d_in, infos[0].d_out)
+        self.dtype = infos[0].dtype
         self.blocks = blocks
+        self.rows = sum(block.rows for block in blocks)
         self.batch_size = batch_size
-        self.with_targets = with_targets
         self.shuffle = shuffle
-        self.buffer_rows = max(buffer_rows, batch_size)
+        self.window_rows = max(buffer_rows // batch_size, 1) * batch_size
         self.seed = seed
         self.num_workers = num_workers
         self.drop_last = drop_last
+        self.rank, self.world_size = distributed_position()
         self.epoch = 0
+        self.skip = 0
 
-    def block_order(self, epoch: int) -> list[RowBlock]:
+    def seek(self, epoch: int, batches: int) -> None:
+        """Make the next ``iter()`` yield epoch ``epoch`` without its first ``batches`` batches.
+
+        ``batches`` counts what the DataLoader handed out, all workers together.
+        """
+        self.epoch, self.skip = epoch, batches
+
+    def block_order(self, epoch: int) -> BlockSequence:
         """Epoch ``epoch``'s order of all blocks (the same on every rank and worker)."""
         if not self.shuffle:
-            return list(self.blocks)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return [self.blocks[i] for i in torch.randperm(len(self.blocks), generator=generator).tolist()]
+            return BlockSequence(list(self.blocks))
+        permutation = np.random.default_rng((self.seed, epoch)).permutation(len(self.blocks))
+        return BlockSequence([self.blocks[i] for i in permutation])
 
-    def shard(self, order: list[RowBlock], rank: int, world: int, worker: int, workers: int) -> list[RowBlock]:
-        """The blocks that (rank, worker) reads: every ``world·workers``-th block of ``order``."""
-        return order[rank * workers + worker :: world * workers]
+    def batches_per_shard(self, shards: int) -> int:
+        """Batches each of ``shards`` shards yields (the same for all, so ranks stay in step)."""
+        if self.drop_last:
+            return self.rows // (shards * self.batch_size)
+        return (self.rows // shards + self.batch_size - 1) // self.batch_size
 
-    def batches_per_worker(self, order: list[RowBlock], world: int, workers: int, worker: int) -> int:
-        """Batches worker ``worker`` yields on every rank: the minimum over ranks."""
-        counts = []
-        for rank in range(world):
-            rows = sum(block.rows for block in self.shard(order, rank, world, worker, workers))
-            counts.append(rows // self.batch_size if self.drop_last or world > 1 else math.ceil(rows / self.batch_size))
-        return min(counts)
+    def shard_rows(self, shard: int, shards: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of the epoch's block order that shard ``shard`` yields."""
+        batches = self.batches_per_shard(shards)
+        if self.drop_last:
+            return shard * batches * self.batch_size, (shard + 1) * batches * self.batch_size
+        start = shard * self.rows // shards
+        return start, min((shard + 1) * self.rows // shards, start + batches * self.batch_size)
 
     def __len__(self) -> int:
-        order = self.block_order(self.epoch)
-        _, world = distributed_position()
         workers = max(1, self.num_workers)
-        return sum(self.batches_per_worker(order, world, workers, w) for w in range(workers))
+        return workers * self.batches_per_shard(self.world_size * workers)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        rank, world = distributed_position()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        epoch = self.epoch
-        self.epoch += 1
-        order = self.block_order(epoch)
-        n_batches = self.batches_per_worker(order, world, workers, worker)
-        blocks = self.shard(order, rank, world, worker, workers)
-        rng = np.random.default_rng((self.seed, epoch, rank, worker))
-        batches = self._batches(blocks, rng)
-        for _ in range(n_batches):
-            yield next(batches)
-
-    def _batches(self, blocks: list[RowBlock], rng: np.random.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        files: dict[int, h5py.File] = {}
+        epoch, consumed = self.epoch, self.skip
+        self.epoch, self.skip = epoch + 1, 0
+        # The DataLoader takes batches from its workers round-robin starting at worker 0, and every
+        # worker yields as many, so worker w had handed out ⌈(consumed − w) / workers⌉ of them.
+        # Resuming, the worker next in line must come first: worker w plays worker (w + consumed)'s
+        # part this epoch.
+        role = (worker + consumed) % workers
+        skip = max(0, -(-(consumed - role) // workers))
+        shards = self.world_size * workers
+        shard = self.rank * workers + role
+        start, stop = self.shard_rows(shard, shards)
+        rows = BlockSequence(self.block_order(epoch).slice(start, stop))
+        files = OpenFiles(self.paths, self.with_targets)
         try:
-            pending_x: list[np.ndarray] = []
-            pending_y: list[np.ndarray] = []
-            pending_rows = 0
-            for position, block in enumerate(blocks):
-                if block.file not in files:
-                    files[block.file] = h5py.File(self.paths[block.file], "r")
-                x, y = read_block(files[block.file], block, self.with_targets)
-                pending_x.append(x)
-                pending_y.append(y if y is not None else x)
-                pending_rows += block.rows
-                last = position == len(blocks) - 1
-                if pending_rows < self.buffer_rows and not last:
-                    continue
-                buffer_x = np.concatenate(pending_x)
-                buffer_y = np.concatenate(pending_y) if self.with_targets else buffer_x
-                if self.shuffle:
-                    permutation = rng.permutation(len(buffer_x))
-                    buffer_x = buffer_x[permutation]
-                    buffer_y = buffer_y[permutation] if self.with_targets else buffer_x
-                n_full = len(buffer_x) // self.batch_size * self.batch_size
-                end = len(buffer_x) if last else n_full
-                for start in range(0, end, self.batch_size):
-                    x_batch = torch.from_numpy(buffer_x[start : start + self.batch_size])
-                    y_batch = torch.from_numpy(buffer_y[start : start + self.batch_size]) if self.with_targets else x_batch
-                    yield x_batch, y_batch
-                pending_x, pending_y = [buffer_x[end:]], [buffer_y[end:]]
-                pending_rows = len(buffer_x) - end
+            if self.shuffle:
+                yield from self._shuffled_batches(rows, files, epoch, shard, skip)
+            else:
+                for batch_start in range(skip * self.batch_size, rows.rows, self.batch_size):
+                    n = min(self.batch_size, rows.rows - batch_start)
+                    x, y = self._buffers(n)
+                    files.read(rows.slice(batch_start, batch_start + n), x, y)
+                    yield self._tensors(x, y)
         finally:
-            for file in files.values():
-                file.close()
+            files.close()
+
+    def _shuffled_batches(
+        self, rows: BlockSequence, files: OpenFiles, epoch: int, shard: int, skip: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches of ``rows`` shuffled window by window, after the first ``skip`` batches.
+
+        The next window's blocks are read ahead by the kernel while this one is cut into batches:
+        blocks come in random order, which the kernel's own read-ahead cannot guess.
+        """
+        buffer_x, buffer_y = self._buffers(min(self.window_rows, rows.rows))
+        first_window = skip * self.batch_size // self.window_rows
+        starts = range(first_window * self.window_rows, rows.rows, self.window_rows)
+        if starts:
+            files.read_ahead(rows.slice(starts[0], starts[0] + self.window_rows))
+        for window_start in starts:
+            files.read_ahead(rows.slice(window_start + self.window_rows, window_start + 2 * self.window_rows))
+            n = min(self.window_rows, rows.rows - window_start)
+            x = buffer_x[:n]
+            y = buffer_y[:n] if buffer_y is not None else None
+            files.read(rows.slice(window_start, window_start + n), x, y)
+            window = window_start // self.window_rows
+            permutation = np.random.default_rng((self.seed, epoch, shard, window)).permutation(n)
+            first = max(skip * self.batch_size - window_start, 0)
+            for batch_start in range(first, n, self.batch_size):
+                index = permutation[batch_start : batch_start + self.batch_size]
+                batch_y = np.take(y, index, axis=0) if y is not None else None
+                yield self._tensors(np.take(x, index, axis=0), batch_y)
+
+    def _buffers(self, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Empty (activations, targets or None) arrays of ``rows`` rows in the first file's dtype."""
+        x = np.empty((rows, self.widths[0]), dtype=self.dtype)
+        return x, np.empty((rows, self.widths[1]), dtype=self.dtype) if self.with_targets else None
+
+    @staticmethod
+    def _tensors(x: np.ndarray, y: np.ndarray | None) -> tuple[Tensor, Tensor]:
+        x_tensor = torch.from_numpy(x)
+        return x_tensor, torch.from_numpy(y) if y is not None else x_tensor

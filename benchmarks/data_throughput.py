@@ -1,0 +1,261 @@
+"""Rows/s of ``ActivationDataModule``'s training loader against a raw sequential h5py read.
+
+Usage::
+
+    .venv/bin/python benchmarks/data_throughput.py --rows 2000000 --d-in 256
+
+It writes a random activation file (kept and reused when it already has the asked shape), then
+measures, each in a fresh process so that its peak memory is its own, repeated ``--repeats``
+times in turn so that load from other processes hits every case alike:
+
+- ``raw``: ``dataset[a:a+batch]`` over the file in order, a new array per batch: the reference.
+- ``shuffle`` / ``ordered``: one epoch of the datamodule's training loader, shuffling on / off.
+- training steps of two SAEs (quickstart size and the defaults) on random batches, in rows/s.
+
+Each data case runs with the file in the page cache ("warm": the CPU cost of reading) and with
+the file's pages dropped first ("cold", ``posix_fadvise(DONTNEED)`` on this file only: the disk
+read of data larger than memory). Peak memory is the growth of the process's peak RSS
+(``ru_maxrss``) over the pass, which counts h5py's own buffers too. It prints a Markdown report
+to paste into ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+DATA_CASES = ("raw", "shuffle", "ordered")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports kibibytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def write_file(path: Path, rows: int, d_in: int, chunk_rows: int, dtype: str) -> None:
+    """A file of standard normal rows, unless ``path`` already holds one of this shape and dtype."""
+    from lightning_sae.data import format
+
+    if path.exists():
+        with h5py.File(path, "r") as file:
+            dataset = file.get(format.ACTIVATIONS)
+            if dataset is not None and dataset.shape == (rows, d_in) and dataset.dtype == dtype:
+                return
+    rng = np.random.default_rng(0)
+    with format.create(path, d_in=d_in, dtype=dtype, chunk_rows=chunk_rows) as file:
+        for start in range(0, rows, 16 * chunk_rows):
+            n = min(16 * chunk_rows, rows - start)
+            format.append(file, rng.standard_normal((n, d_in), dtype=np.float32).astype(dtype))
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Evict ``path``'s pages from the page cache, so that the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def measure_data(case: str, cold: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """Time one pass of ``case`` over the file; rows, seconds and peak memory growth."""
+    from lightning_sae.data.datamodule import ActivationDataModule
+    from lightning_sae.data.format import ACTIVATIONS
+
+    if cold:
+        drop_from_page_cache(args.path)
+    if case == "raw":
+        with h5py.File(args.path, "r") as file:
+            dataset = file[ACTIVATIONS]
+            stop = dataset.shape[0] // args.batch_size * args.batch_size
+            before = peak_rss_bytes()
+            start_time = time.perf_counter()
+            for start in range(0, stop, args.batch_size):
+                dataset[start : start + args.batch_size]
+            seconds = time.perf_counter() - start_time
+        return {"rows": stop, "seconds": seconds, "peak_growth": peak_rss_bytes() - before}
+    datamodule = ActivationDataModule(
+        str(args.path),
+        batch_size=args.batch_size,
+        val_rows=0,
+        shuffle=case == "shuffle",
+        buffer_rows=args.buffer_rows,
+        num_workers=args.num_workers,
+    )
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    before = peak_rss_bytes()
+    start_time = time.perf_counter()
+    rows = sum(len(x) for x, _ in loader)
+    seconds = time.perf_counter() - start_time
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"rows": rows, "seconds": seconds, "peak_growth": peak_rss_bytes() - before, "worker_peak": children}
+
+
+def measure_training(
+    d_in: int, d_sae: int, batch_size: int, quickstart: bool, steps: int, threads: int | None
+) -> dict[str, Any]:
+    """Rows/s of forward, loss, backward and Adam step of an SAE on random batches (no data loading).
+
+    ``threads``: torch's intra-op threads (None: torch's default, one per core).
+    """
+    import torch
+
+    from lightning_sae.encoders import JumpReLU, ReLU
+    from lightning_sae.model import SparseAutoencoder
+    from lightning_sae.penalties import PreAct, Tanh
+
+    torch.set_flush_denormal(True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if quickstart:  # configs/quickstart.yaml
+        model = SparseAutoencoder(d_in, d_sae, encoder=JumpReLU, penalties=[Tanh(20.0, 4.0), PreAct(3e-6)])
+    else:  # every default of SparseAutoencoder
+        model = SparseAutoencoder(d_in, d_sae, encoder=ReLU)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    x = torch.randn(batch_size, d_in)
+    for step in range(steps + 1):
+        if step == 1:  # the first step allocates Adam's state: leave it out
+            start_time = time.perf_counter()
+        total, _ = model.loss(model.forward_pass(x))
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    seconds = time.perf_counter() - start_time
+    return {"rows": steps * batch_size, "seconds": seconds, "steps_per_s": steps / seconds}
+
+
+def run_child(case: str) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter and return its JSON result."""
+    command = [sys.executable, __file__, *sys.argv[1:], "--case", case]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    """CPU model, cores and memory of this machine, and its load when the run started."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    with open("/proc/meminfo") as meminfo:
+        kib = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal")))
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return f"{model}, {os.cpu_count()} CPU cores, {kib / 2**20:.1f} GiB RAM, {platform.system()}; load average {load}"
+
+
+DATA_NAMES = {
+    "raw": "raw h5py, sequential slices",
+    "shuffle": "train loader, shuffle on",
+    "ordered": "train loader, shuffle off",
+}
+TRAIN_CASES = {
+    "quickstart": ("quickstart: d_in 64, d_sae 512, JumpReLU + Tanh + PreAct", 64, 512, 1024, True),
+    "default": ("defaults: d_in {d_in}, d_sae 4096, ReLU", None, 4096, 4096, False),
+}
+
+
+def rate(run: dict[str, Any]) -> float:
+    return run["rows"] / run["seconds"]
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], host: str) -> str:
+    """The Markdown section: best rows/s over the repeats, ratio to the raw read, peak memory."""
+    row_bytes = args.d_in * np.dtype(args.dtype).itemsize
+    best = {case: max(rate(run) for run in runs) for case, runs in results.items()}
+    lines = [
+        "## Data throughput",
+        "",
+        f"Machine: {host}.",
+        "",
+        (
+            f"Data: {args.rows:,} rows × {args.d_in} {args.dtype} ({args.rows * row_bytes / 2**30:.2f} GiB), "
+            f"chunks of {args.chunk_rows} rows; batch {args.batch_size}, shuffle buffer {args.buffer_rows:,} rows "
+            f"({args.buffer_rows * row_bytes / 2**20:.0f} MiB), num_workers {args.num_workers}. "
+            f"Best of {args.repeats} runs, interleaved; ratios are against the raw read of the same run."
+        ),
+        "",
+        "```",
+        f".venv/bin/python benchmarks/data_throughput.py {' '.join(sys.argv[1:])}",
+        "```",
+        "",
+        "| page cache | reader | rows/s | MB/s | vs raw read | peak RSS growth |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for cache in ("warm", "cold"):
+        for case in DATA_CASES:
+            runs = results[f"{case}-{cache}"]
+            peak = max(run["peak_growth"] for run in runs) / 2**20
+            value = best[f"{case}-{cache}"]
+            lines.append(
+                f"| {cache} | {DATA_NAMES[case]} | {value:,.0f} | {value * row_bytes / 1e6:,.0f} | "
+                f"{value / best[f'raw-{cache}']:.0%} | {peak:,.0f} MiB |"
+            )
+    lines += [
+        "",
+        "What training consumes (forward, loss, backward, Adam step on random batches, no loading):",
+        "",
+        "| model | batch | torch threads | steps/s | rows/s | loader (warm, shuffle on) / training |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, (label, _, _, batch, _) in TRAIN_CASES.items():
+        for threads in ("default", "1"):
+            run = results[f"train-{name}-{threads}"][0]
+            lines.append(
+                f"| {label.format(d_in=args.d_in)} | {batch} | {threads} | {run['steps_per_s']:.2f} | "
+                f"{rate(run):,.0f} | {best['shuffle-warm'] / rate(run):,.0f}× |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--path", type=Path, default=Path("/tmp/lightning_sae_throughput.h5"))
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--d-in", type=int, default=256)
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--chunk-rows", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--buffer-rows", type=int, default=262_144)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=5, help="timed steps of the default-size SAE")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case is not None:
+        kind, name, variant = args.case.split("-")
+        if kind == "data":
+            result = measure_data(name, variant == "cold", args)
+        else:
+            _, d_in, d_sae, batch, quickstart = TRAIN_CASES[name]
+            steps = 100 if quickstart else args.train_steps
+            threads = None if variant == "default" else int(variant)
+            result = measure_training(d_in or args.d_in, d_sae, batch, quickstart, steps, threads)
+        print(json.dumps(result))
+        return
+    host = machine()
+    write_file(args.path, args.rows, args.d_in, args.chunk_rows, args.dtype)
+    run_child("data-raw-warm")  # bring the file into the page cache
+    results: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):
+        for cache in ("warm", "cold"):
+            for case in DATA_CASES:
+                results.setdefault(f"{case}-{cache}", []).append(run_child(f"data-{case}-{cache}"))
+    for name in TRAIN_CASES:
+        for threads in ("default", "1"):
+            results[f"train-{name}-{threads}"] = [run_child(f"train-{name}-{threads}")]
+    print(report(args, results, host))
+    print(f"\nload average at the end: {', '.join(f'{value:.2f}' for value in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""``EncoderBiasCalibration``: set b_enc at fit start so each feature fires at a target rate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from lightning import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_sae.data.datamodule import ActivationDataModule
+from lightning_sae.data.stream import ActivationStream
+from lightning_sae.errors import UserError
+from lightning_sae.model import SparseAutoencoder
+
+QUANTILE_ELEMENTS = 2**24
+"""Pre-activations held at once while taking quantiles ([rows, features] chunks of this size)."""
+
+
+def sample_batches(
+    datamodule: LightningDataModule | None, rows: int, seed: int
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Up to ``rows`` training rows as ``(x, y)`` batches; y is None when the SAE reconstructs x.
+
+    The rows come from a fresh pass of the training stream with its own ``seed`` (blocks in a
+    random order, rows shuffled within the datamodule's ``buffer_rows``, which bounds the memory),
+    so the training stream's position is untouched. Under DDP it reads this rank's share of that pass.
+    """
+    if not isinstance(datamodule, ActivationDataModule):
+        raise UserError(f"sampling training rows needs an ActivationDataModule, not {type(datamodule).__name__}")
+    stream = ActivationStream(
+        datamodule.infos,
+        datamodule.train_blocks,
+        batch_size=min(rows, datamodule.batch_size),
+        shuffle=True,
+        buffer_rows=min(rows, datamodule.buffer_rows),
+        seed=seed,
+        drop_last=False,
+    )
+    remaining = rows
+    for x, y in stream:
+        if remaining <= 0:
+            return
+        targets = None if y is x else y[:remaining]
+        yield x[:remaining], targets
+        remaining -= len(x)
+
+
+class EncoderBiasCalibration(Callback):
+    """b_i = θ_i − q_i, so that feature i fires (h_i > θ_i) on a fraction r of the rows.
+
+    Seed 000 (Anthropic, January 2025): "We initialize b_e by examining a subset of the data and
+    picking a constant per feature such that each feature activates 10000/m of the time."
+    Here r = min(``max_rate``, ``features_per_row`` / m), capped because 10000/m exceeds any
+    sensible rate for small m; q_i is the (1 − r)-quantile of x·W_enc[:, i] over ``sample_rows``
+    training rows (scaled by input_scale), taken midway between the ⌊rN⌉-th and (⌊rN⌉+1)-th
+    largest values; θ_i is the encoder's threshold (exp(t_i) for JumpReLU, 0 for ReLU).
+
+    Runs at the start of a fresh fit only, not when resuming from a checkpoint. Rank 0
+    computes the biases and broadcasts them, so every rank starts from the same b_enc.
+    """
+
+    def __init__(
+        self, features_per_row: float = 10_000, max_rate: float = 0.1, sample_rows: int = 65_536, seed: int = 0
+    ) -> None:
+        """
+        Args:
+            features_per_row: Features firing per row on average after calibration (seed 000: 10,000).
+            max_rate: Cap on the firing rate r (features_per_row/m exceeds any sensible rate when m is small).
+            sample_rows: Training rows examined (a random subset of the training data).
+            seed: Seed of the choice of rows.
+        """
+        if features_per_row <= 0:
+            raise UserError(f"EncoderBiasCalibration features_per_row must be positive, got {features_per_row}")
+        if not 0 < max_rate < 1:
+            raise UserError(f"EncoderBiasCalibration max_rate must be in (0, 1), got {max_rate}")
+        if sample_rows < 2:
+            raise UserError(f"EncoderBiasCalibration sample_rows must be at least 2, got {sample_rows}")
+        self.features_per_row = features_per_row
+        self.max_rate = max_rate
+        self.sample_rows = sample_rows
+        self.seed = seed
+
+    def target_rate(self, d_sae: int) -> float:
+        """r = min(max_rate, features_per_row / m)."""
+        return min(self.max_rate, self.features_per_row / d_sae)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.ckpt_path is not None:
+            return
+        assert isinstance(pl_module, SparseAutoencoder)
+        biases = None
+        if trainer.is_global_zero:
+            rows = [x for x, _ in sample_batches(trainer.datamodule, self.sample_rows, self.seed)]
+            biases = self.biases(pl_module, torch.cat(rows).to(pl_module.device)).cpu()
+            rate = self.target_rate(pl_module.d_sae)
+            rank_zero_info(f"EncoderBiasCalibration: b_enc set for a firing rate of {rate:.4g} per feature")
+        biases = trainer.strategy.broadcast(biases, src=0)
+        with torch.no_grad():
+            pl_module.b_enc.copy_(biases.to(pl_module.b_enc))
+
+    @torch.no_grad()
+    def biases(self, model: SparseAutoencoder, x: Tensor) -> Tensor:
+        """[m] encoder biases making each feature fire on a fraction r of the raw rows ``x``."""
+        n_rows = x.shape[0]
+        rate = self.target_rate(model.d_sae)
+        rank = round(rate * n_rows)
+        if not 1 <= rank < n_rows:
+            raise UserError(
+                f"EncoderBiasCalibration: {n_rows} rows cannot resolve a firing rate of {rate:.3g}; "
+                f"raise sample_rows (have {self.sample_rows}) or the training data"
+            )
+        x_scaled = x.to(model.W_enc.dtype) * model.input_scale
+        cutoffs = torch.empty(model.d_sae, dtype=model.W_enc.dtype, device=model.W_enc.device)
+        width = max(1, QUANTILE_ELEMENTS // n_rows)
+        for start in range(0, model.d_sae, width):
+            projections = x_scaled @ model.W_enc[:, start : start + width]
+            top = projections.topk(rank + 1, dim=0).values
+            cutoffs[start : start + width] = (top[rank - 1] + top[rank]) / 2
+        return model.encoder.threshold(model.decoder_norms()) - cutoffs

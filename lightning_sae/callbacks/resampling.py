@@ -1,0 +1,150 @@
+"""``Resampling``: re-initialise dead features towards badly reconstructed inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_sae.callbacks.calibration import sample_batches
+from lightning_sae.callbacks.dead_features import DeadFeatureTracker
+from lightning_sae.errors import UserError
+from lightning_sae.model import SparseAutoencoder
+
+
+class Resampling(Callback):
+    """Neuron resampling of Bricken et al. 2023 ("Towards Monosemanticity"), at the given steps.
+
+    Seed 001 ranks it the second most important trick, after width. At each step in ``steps``,
+    with D the dead features (from :class:`DeadFeatureTracker`):
+
+    1. compute the reconstruction loss l_n = ‖y_n − ŷ_n‖² of ``sample_rows`` training rows;
+    2. draw |D| rows with probability ∝ l_n² (successive draws without replacement, by
+       Gumbel-top-k, so no two revived features start alike);
+    3. for dead feature i and its row (x, y): W_dec[i] = y/‖y‖ (decoder row i is the recipe's
+       dictionary vector i; y = x for an SAE, the target for a transcoder),
+       W_enc[:, i] = s·x/‖x‖ with s = ``encoder_scale`` · mean_{j alive} ‖W_enc[:, j]‖, b_enc[i] = 0;
+    4. zero the optimizer's per-element state (Adam's exp_avg, exp_avg_sq) of exactly those
+       rows, columns and entries, and start the learning-rate re-warmup (seed 001:
+       ``model.restart_lr_warmup()``).
+
+    Encoder-specific parameters (JumpReLU thresholds) are kept. Rank 0 draws the rows and
+    broadcasts them; the dead set is the tracker's, which is the same on every rank, so every
+    rank applies the same update. Draws are seeded by ``seed`` and the step, so a resumed run
+    resamples exactly like an uninterrupted one.
+    """
+
+    def __init__(self, steps: list[int], sample_rows: int = 819_200, encoder_scale: float = 0.2, seed: int = 0) -> None:
+        """
+        Args:
+            steps: Optimizer steps at which to resample (seed 001: 20k, 50k, 75k and 100k).
+            sample_rows: Training rows whose loss is computed to draw from (Bricken et al. 2023: 819,200).
+            encoder_scale: Encoder norm of a revived feature relative to the mean of the alive ones
+                (Bricken et al. 2023: 0.2).
+            seed: Seed of the choice of rows and of the draws.
+        """
+        if any(step < 1 for step in steps):
+            raise UserError(f"Resampling steps must be positive, got {steps}")
+        if sample_rows < 1 or encoder_scale <= 0:
+            raise UserError(
+                f"Resampling needs sample_rows >= 1 and encoder_scale > 0, got {sample_rows} and {encoder_scale}"
+            )
+        self.steps = sorted(set(steps))
+        self.sample_rows = sample_rows
+        self.encoder_scale = encoder_scale
+        self.seed = seed
+        self.last_step = -1
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Find the dead-feature tracker."""
+        trackers = [callback for callback in trainer.callbacks if isinstance(callback, DeadFeatureTracker)]
+        if len(trackers) != 1:
+            raise UserError(f"Resampling needs exactly one DeadFeatureTracker callback, found {len(trackers)}")
+        self.tracker = trackers[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_step = int(state_dict["last_step"])
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Resample before the first batch of each step in ``steps`` (once, also when accumulating)."""
+        step = trainer.global_step
+        if step in self.steps and step != self.last_step:
+            assert isinstance(pl_module, SparseAutoencoder)
+            self.last_step = step
+            self.resample(trainer, pl_module)
+
+    def resample(self, trainer: Trainer, model: SparseAutoencoder) -> Tensor:
+        """Resample the tracker's dead features now; returns the indices resampled."""
+        dead = self.tracker.dead_mask()
+        indices = dead.nonzero().flatten()
+        if len(indices) == 0:
+            return indices
+        draws = None
+        if trainer.is_global_zero:
+            draws = self.draw(trainer, model, len(indices))
+        inputs, targets = trainer.strategy.broadcast(draws, src=0)
+        indices = indices[: len(inputs)]
+        if len(indices) == 0:
+            return indices
+        self.reinitialise_(model, trainer.optimizers, indices, inputs.to(model.device), targets.to(model.device), ~dead)
+        self.tracker.revive_(indices)
+        model.restart_lr_warmup()
+        rank_zero_info(f"Resampling: {len(indices)} dead features resampled at step {trainer.global_step}")
+        return indices
+
+    @torch.no_grad()
+    def draw(self, trainer: Trainer, model: SparseAutoencoder, count: int) -> tuple[Tensor, Tensor]:
+        """Up to ``count`` rows (scaled x, scaled y), drawn ∝ squared loss without replacement, on the CPU.
+
+        Gumbel-top-k: the rows with the largest log(l_n²) + G_n, G_n ~ Gumbel(0, 1), kept while streaming.
+        """
+        seed = self.seed * 1_000_003 + trainer.global_step
+        generator = torch.Generator().manual_seed(seed)
+        keys = torch.empty(0, dtype=torch.float64)
+        inputs = torch.empty(0, model.d_in)
+        targets = torch.empty(0, model.d_out)
+        encoder_was_training = model.encoder.training
+        model.encoder.eval()
+        for x, y in sample_batches(trainer.datamodule, self.sample_rows, seed):
+            out = model.forward_pass(x.to(model.device), None if y is None else y.to(model.device))
+            loss = (out.target - out.reconstruction).pow(2).sum(-1).double().cpu()
+            uniform = torch.rand(len(loss), dtype=torch.float64, generator=generator)
+            keys = torch.cat([keys, 2 * loss.log() - (-uniform.log()).log()])
+            inputs = torch.cat([inputs, out.input.float().cpu()])
+            targets = torch.cat([targets, out.target.float().cpu()])
+            top = keys.topk(min(count, len(keys))).indices
+            keys, inputs, targets = keys[top], inputs[top], targets[top]
+        model.encoder.train(encoder_was_training)
+        drawn = keys > float("-inf")
+        return inputs[drawn], targets[drawn]
+
+    @torch.no_grad()
+    def reinitialise_(
+        self,
+        model: SparseAutoencoder,
+        optimizers: list[Optimizer],
+        indices: Tensor,
+        inputs: Tensor,
+        targets: Tensor,
+        alive: Tensor,
+    ) -> None:
+        """Point features ``indices`` at rows (``inputs``, ``targets``) and reset their optimizer state."""
+        encoder_norms = model.W_enc.norm(dim=0)
+        reference = encoder_norms[alive] if alive.any() else encoder_norms
+        scale = self.encoder_scale * reference.mean()
+        model.W_dec[indices] = F.normalize(targets.to(model.W_dec), dim=-1)
+        model.W_enc[:, indices] = (F.normalize(inputs.to(model.W_enc), dim=-1) * scale).T
+        model.b_enc[indices] = 0
+        for param, index in ((model.W_dec, indices), (model.W_enc, (slice(None), indices)), (model.b_enc, indices)):
+            for optimizer in optimizers:
+                for value in optimizer.state.get(param, {}).values():
+                    if isinstance(value, Tensor) and value.shape == param.shape:
+                        value[index] = 0

@@ -1,0 +1,203 @@
+"""``ActivationStream``: blocks, shards, the shuffle buffer, exact skipping, bounded memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_sae.data import format, stream
+from lightning_sae.data.stream import (
+    ActivationStream,
+    BlockSequence,
+    RowBlock,
+    all_finite,
+    byte_ranges,
+    read_block,
+    split_blocks,
+)
+from lightning_sae.errors import UserError
+
+
+def make_stream(paths: list[Path], val_rows: int = 0, **kwargs: object) -> ActivationStream:
+    """The training stream of ``paths`` (all rows but the last ``val_rows``)."""
+    infos = [format.read_info(path) for path in paths]
+    train, _ = split_blocks(infos, val_rows)
+    return ActivationStream(infos, train, **kwargs)
+
+
+def ids(batches: object) -> list[np.ndarray]:
+    """Row ids (column 0 of ``id_file`` files) of each batch."""
+    return [x[:, 0].numpy().astype(np.int64) for x, _ in batches]
+
+
+def shard_ids(
+    monkeypatch: pytest.MonkeyPatch, source: ActivationStream, rank: int, world: int, worker: int, workers: int
+) -> list[np.ndarray]:
+    """Batches of epoch 0 of ``source`` as worker ``worker`` of rank ``rank`` would yield them."""
+    source.rank, source.world_size = rank, world
+    source.seek(0, 0)
+    info = SimpleNamespace(id=worker, num_workers=workers)
+    monkeypatch.setattr(stream, "get_worker_info", lambda: info)
+    return ids(source)
+
+
+def test_block_sequence_slices_across_blocks() -> None:
+    sequence = BlockSequence([RowBlock(0, 0, 10), RowBlock(0, 10, 16), RowBlock(1, 0, 5)])
+    assert sequence.rows == 21
+    assert sequence.slice(8, 13) == [RowBlock(0, 8, 10), RowBlock(0, 10, 13)]
+    assert sequence.slice(15, 21) == [RowBlock(0, 15, 16), RowBlock(1, 0, 5)]
+    assert sequence.slice(10, 16) == [RowBlock(0, 10, 16)]
+    assert sequence.slice(4, 4) == []
+
+
+def test_split_blocks_follows_chunks_and_cuts_validation_from_the_end(id_file: Callable[..., Path]) -> None:
+    infos = [format.read_info(id_file("a.h5", 40, chunk_rows=16)), format.read_info(id_file("b.h5", 20, chunk_rows=16))]
+    train, val = split_blocks(infos, 25)
+    assert train == [RowBlock(0, 0, 16), RowBlock(0, 16, 32), RowBlock(0, 32, 35)]
+    assert val == [RowBlock(0, 35, 40), RowBlock(1, 0, 16), RowBlock(1, 16, 20)]
+    with pytest.raises(UserError, match="val_rows=60"):
+        split_blocks(infos, 60)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize(("world", "workers"), [(1, 1), (2, 1), (2, 2), (3, 2)])
+def test_shards_are_disjoint_equal_and_cover_the_epoch(
+    id_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, shuffle: bool, world: int, workers: int
+) -> None:
+    source = make_stream([id_file("a.h5", 300, chunk_rows=16)], batch_size=8, buffer_rows=40, shuffle=shuffle)
+    shards = [shard_ids(monkeypatch, source, r, world, w, workers) for r in range(world) for w in range(workers)]
+    source.num_workers = workers
+    assert {len(batches) for batches in shards} == {len(source) // workers}  # every rank, every worker alike
+    rows = np.concatenate([np.concatenate(batches) for batches in shards])
+    assert all(len(batch) == 8 for batches in shards for batch in batches)
+    assert len(set(rows)) == len(rows) == 300 - 300 % (world * workers * 8)
+
+
+@pytest.mark.parametrize(("world", "workers"), [(1, 1), (2, 2), (3, 1)])
+def test_validation_shards_keep_every_row(
+    id_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, world: int, workers: int
+) -> None:
+    source = make_stream([id_file("a.h5", 100)], batch_size=8, shuffle=False, drop_last=False)
+    shards = [shard_ids(monkeypatch, source, r, world, w, workers) for r in range(world) for w in range(workers)]
+    assert len({len(batches) for batches in shards}) == 1
+    assert sorted(np.concatenate([np.concatenate(batches) for batches in shards])) == list(range(100))
+
+
+def test_unshuffled_batches_are_consecutive_rows_across_files(id_file: Callable[..., Path]) -> None:
+    paths = [id_file("a.h5", 50, chunk_rows=16), id_file("b.h5", 30, chunk_rows=16, first_id=50)]
+    batches = ids(make_stream(paths, val_rows=10, batch_size=12, shuffle=False))
+    assert [batch.tolist() for batch in batches] == [list(range(i, i + 12)) for i in range(0, 60, 12)]
+
+
+def test_each_epoch_is_shuffled_differently_and_reproducibly(id_file: Callable[..., Path]) -> None:
+    path = id_file("a.h5", 128, chunk_rows=16)
+    source = make_stream([path], batch_size=8, buffer_rows=64, seed=1)
+    epochs = [np.concatenate(ids(source)) for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(128))
+    assert not np.array_equal(epochs[0], epochs[1])
+    again = make_stream([path], batch_size=8, buffer_rows=64, seed=1)
+    again.seek(1, 0)
+    assert np.array_equal(np.concatenate(ids(again)), epochs[1])
+
+
+def test_seek_skips_exactly_and_reads_nothing_of_skipped_windows(
+    id_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = make_stream([id_file("a.h5", 256, chunk_rows=16)], batch_size=8, buffer_rows=64)
+    full = ids(source)
+    read: list[int] = []
+    real_read_into = stream.read_into
+    monkeypatch.setattr(
+        stream, "read_into", lambda dataset, block, out: read.append(block.rows) or real_read_into(dataset, block, out)
+    )
+    for skip in (0, 3, 8, 19, 32):
+        read.clear()
+        source.seek(0, skip)
+        assert [batch.tolist() for batch in ids(source)] == [batch.tolist() for batch in full[skip:]]
+        assert sum(read) == 256 - skip * 8 // 64 * 64  # whole 64-row windows are skipped unread
+
+
+@pytest.mark.parametrize("skip", [0, 5, 6])
+def test_seek_matches_the_round_robin_of_dataloader_workers(id_file: Callable[..., Path], skip: int) -> None:
+    source = make_stream([id_file("a.h5", 200, chunk_rows=16)], batch_size=8, buffer_rows=32, num_workers=2)
+    full = ids(DataLoader(source, batch_size=None, num_workers=2))
+    source.seek(0, skip)
+    assert [batch.tolist() for batch in ids(DataLoader(source, batch_size=None, num_workers=2))] == [
+        batch.tolist() for batch in full[skip:]
+    ]
+
+
+def test_memory_is_bounded_by_the_buffer(id_file: Callable[..., Path]) -> None:
+    source = make_stream([id_file("a.h5", 8192, d_in=64, chunk_rows=256)], batch_size=128, buffer_rows=1000)
+    assert source.window_rows == 896  # rounded down to whole batches
+    window_bytes = 896 * 64 * 4
+    tracemalloc.start()
+    try:
+        batches = sum(1 for _ in source)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert batches == 64
+    assert peak < window_bytes + 4 * 128 * 64 * 4  # one window and a few batches, not the 2 MiB file
+
+
+def test_float16_stays_float16_and_targets_follow_their_rows(id_file: Callable[..., Path], tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 3)).astype(np.float16), rng.standard_normal((64, 2)).astype(np.float16)
+    x[:, 0] = y[:, 0] = np.arange(64)
+    with format.create(tmp_path / "h.h5", d_in=3, d_out=2, dtype="float16", chunk_rows=16) as file:
+        format.append(file, x, y)
+    batch_x, batch_y = next(iter(make_stream([tmp_path / "h.h5"], batch_size=16, buffer_rows=32)))
+    assert batch_x.dtype == batch_y.dtype == torch.float16
+    assert torch.equal(batch_x[:, 0], batch_y[:, 0])
+
+
+@pytest.mark.parametrize("name", [format.ACTIVATIONS, format.TARGETS])
+def test_read_block_names_the_file_and_row_of_a_nan(id_file: Callable[..., Path], name: str) -> None:
+    path = id_file("a.h5", 64, d_out=2)
+    with h5py.File(path, "a") as file:
+        file[name][41, 1] = np.inf
+    with h5py.File(path, "r") as file, pytest.raises(UserError, match=rf"a.h5: '{name}' row 41 holds NaN or Inf"):
+        read_block(file, RowBlock(0, 32, 48), with_targets=True)
+
+
+@pytest.mark.parametrize("chunks", [None, (8, 3), (8, 1)])
+def test_byte_ranges_hold_the_rows_of_a_block(tmp_path: Path, chunks: tuple[int, int] | None) -> None:
+    rows = np.arange(60, dtype=np.float32).reshape(20, 3)
+    with h5py.File(tmp_path / "f.h5", "w") as file:
+        dataset = file.create_dataset("activations", data=rows, chunks=chunks)
+        ranges = list(byte_ranges(dataset, RowBlock(0, 5, 13)))
+    data = (tmp_path / "f.h5").read_bytes()
+    found = np.concatenate(
+        [np.frombuffer(data[offset : offset + size], np.float32) for offset, size in ranges or [(0, 0)]]
+    )
+    if chunks == (8, 1):
+        assert ranges == []  # chunks split rows: no simple range, no hint
+    elif chunks is None:
+        assert np.array_equal(found, rows[5:13].ravel())
+    else:
+        assert np.array_equal(found, rows[0:16].ravel())  # the two whole chunks holding rows 5-12
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_all_finite_sees_every_nan_and_inf(dtype: type) -> None:
+    rows = np.full((3, 5), np.finfo(dtype).max, dtype=dtype)
+    rows[0, 0] = np.finfo(dtype).smallest_subnormal
+    assert all_finite(rows) and all_finite(rows[:0])
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = rows.copy()
+        broken[2, 4] = bad
+        assert not all_finite(broken)
+
+
+def test_batch_size_must_be_positive(id_file: Callable[..., Path]) -> None:
+    with pytest.raises(UserError, match="batch_size"):
+        make_stream([id_file("a.h5", 16)], batch_size=0)

@@ -13,7 +13,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
-from lightning_sae.callbacks.calibration import EncoderBiasCalibration, sample_batches
+from lightning_sae.callbacks.calibration import EncoderBiasCalibration
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.data.format import ACTIVATIONS, TARGETS
 from lightning_sae.encoders import Encoder, JumpReLU, ReLU
@@ -68,14 +68,14 @@ def test_jumprelu_threshold_is_accounted_for(toy_data: Callable[..., ActivationD
                               input_scale=data.input_scale)
     relu = SparseAutoencoder(d_in=16, d_sae=64, input_scale=data.input_scale)
     relu.load_state_dict(model.state_dict(), strict=False)
-    x = torch.cat([x for x, _ in sample_batches(data, 1024, seed=0)])
+    x = torch.cat([x for x, _ in data.sample_batches(1024, seed=0)])
     calibration = EncoderBiasCalibration(features_per_row=8)
     torch.testing.assert_close(calibration.biases(model, x) - calibration.biases(relu, x), torch.full((64,), torch.e))
 
 
 def test_sample_reads_fresh_rows_with_targets(transcoder_file: Path) -> None:
     data = ActivationDataModule(str(transcoder_file), batch_size=64, val_rows=256)
-    batches = list(sample_batches(data, 300, seed=3))
+    batches = list(data.sample_batches(300, seed=3))
     assert sum(len(x) for x, _ in batches) == 300
     x = torch.cat([x for x, _ in batches])
     y = torch.cat([y for _, y in batches if y is not None])
@@ -87,7 +87,7 @@ def test_sample_reads_fresh_rows_with_targets(transcoder_file: Path) -> None:
     torch.testing.assert_close(targets[index], y)
     assert (index < 2048 - 256).all() and len(set(index.tolist())) == 300
     assert not torch.equal(index, index.sort().values)  # shuffled
-    again = torch.cat([x for x, _ in sample_batches(data, 300, seed=3)])
+    again = torch.cat([x for x, _ in data.sample_batches(300, seed=3)])
     assert torch.equal(again, x)
 
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from lightning import Callback, LightningModule, Trainer
 from torch.optim import Optimizer
 
-from lightning_sae.callbacks.calibration import sample_batches
 from lightning_sae.callbacks.dead_features import DeadFeatureTracker
 from lightning_sae.callbacks.resampling import Resampling
 from lightning_sae.data.datamodule import ActivationDataModule
@@ -96,7 +95,7 @@ def test_loss_does_not_spike(
 ) -> None:
     """Revived features start small: the reconstruction error of fixed rows grows by under 5%."""
     _, before, after, _ = fit_with_resampling(toy_data, callback_trainer, RESAMPLE_STEP + 1, lr=1e-2)
-    x = torch.cat([x for x, _ in sample_batches(toy_data(), 2048, seed=5)])
+    x = torch.cat([x for x, _ in toy_data().sample_batches(2048, seed=5)])
     with torch.no_grad():
         mse_before = before.loss(before.forward_pass(x))[1]["mse"]
         mse_after = after.loss(after.forward_pass(x))[1]["mse"]
@@ -199,7 +198,7 @@ def test_draws_favour_high_loss_rows(
     assert len(inputs) == 64 and len(set(map(tuple, inputs.tolist()))) == 64
     with torch.no_grad():
         drawn = (model(inputs / model.input_scale) - targets / model.target_scale).pow(2).sum(-1)
-        sample = torch.cat([x for x, _ in sample_batches(data, 2048, seed=0)])
+        sample = torch.cat([x for x, _ in data.sample_batches(2048, seed=0)])
         typical = (model(sample) - sample).pow(2).sum(-1).median()
     assert drawn.median() > typical
 

@@ -2,49 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
-from lightning import Callback, LightningDataModule, LightningModule, Trainer
+from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_sae.data.datamodule import ActivationDataModule
-from lightning_sae.data.stream import ActivationStream
 from lightning_sae.errors import UserError
 from lightning_sae.model import SparseAutoencoder
 
 QUANTILE_ELEMENTS = 2**24
 """Pre-activations held at once while taking quantiles ([rows, features] chunks of this size)."""
-
-
-def sample_batches(
-    datamodule: LightningDataModule | None, rows: int, seed: int
-) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Up to ``rows`` training rows as ``(x, y)`` batches; y is None when the SAE reconstructs x.
-
-    The rows come from a fresh pass of the training stream with its own ``seed`` (blocks in a
-    random order, rows shuffled within the datamodule's ``buffer_rows``, which bounds the memory),
-    so the training stream's position is untouched. Under DDP it reads this rank's share of that pass.
-    """
-    if not isinstance(datamodule, ActivationDataModule):
-        raise UserError(f"sampling training rows needs an ActivationDataModule, not {type(datamodule).__name__}")
-    stream = ActivationStream(
-        datamodule.infos,
-        datamodule.train_blocks,
-        batch_size=min(rows, datamodule.batch_size),
-        shuffle=True,
-        buffer_rows=min(rows, datamodule.buffer_rows),
-        seed=seed,
-        drop_last=False,
-    )
-    remaining = rows
-    for x, y in stream:
-        if remaining <= 0:
-            return
-        targets = None if y is x else y[:remaining]
-        yield x[:remaining], targets
-        remaining -= len(x)
 
 
 class EncoderBiasCalibration(Callback):
@@ -92,7 +60,7 @@ class EncoderBiasCalibration(Callback):
         assert isinstance(pl_module, SparseAutoencoder)
         biases = None
         if trainer.is_global_zero:
-            rows = [x for x, _ in sample_batches(trainer.datamodule, self.sample_rows, self.seed)]
+            rows = [x for x, _ in ActivationDataModule.of(trainer).sample_batches(self.sample_rows, self.seed)]
             biases = self.biases(pl_module, torch.cat(rows).to(pl_module.device)).cpu()
             rate = self.target_rate(pl_module.d_sae)
             rank_zero_info(f"EncoderBiasCalibration: b_enc set for a firing rate of {rate:.4g} per feature")

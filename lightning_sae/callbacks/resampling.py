@@ -11,8 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sae.callbacks.calibration import sample_batches
 from lightning_sae.callbacks.dead_features import DeadFeatureTracker
+from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.errors import UserError
 from lightning_sae.model import SparseAutoencoder
 
@@ -113,7 +113,7 @@ class Resampling(Callback):
         targets = torch.empty(0, model.d_out)
         encoder_was_training = model.encoder.training
         model.encoder.eval()
-        for x, y in sample_batches(trainer.datamodule, self.sample_rows, seed):
+        for x, y in ActivationDataModule.of(trainer).sample_batches(self.sample_rows, seed):
             out = model.forward_pass(x.to(model.device), None if y is None else y.to(model.device))
             loss = (out.target - out.reconstruction).pow(2).sum(-1).double().cpu()
             uniform = torch.rand(len(loss), dtype=torch.float64, generator=generator)

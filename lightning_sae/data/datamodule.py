@@ -22,10 +22,11 @@ from typing import Any
 
 import h5py
 import numpy as np
-from lightning import LightningDataModule
+from lightning import LightningDataModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_sae.data.format import ACTIVATIONS, GROUND_TRUTH, TARGETS, ActivationFileInfo, read_info
@@ -154,6 +155,38 @@ class ActivationDataModule(LightningDataModule):
         self._resume_position = state_dict.get("position")
         if self._resume_position is not None:
             warnings.filterwarnings("ignore", MID_EPOCH_RESUME_WARNING, PossibleUserWarning)
+
+    @classmethod
+    def of(cls, trainer: Trainer) -> ActivationDataModule:
+        """The trainer's ActivationDataModule; UserError when it uses other data."""
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, cls):
+            raise UserError(f"this callback needs an ActivationDataModule, not {type(datamodule).__name__}")
+        return datamodule
+
+    def sample_batches(self, rows: int, seed: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Up to ``rows`` training rows as ``(x, y)`` batches; y is None when the SAE reconstructs x.
+
+        The rows come from a fresh pass of the training stream with its own ``seed`` (blocks in a
+        random order, rows shuffled within ``buffer_rows``, which bounds the memory), so the training
+        stream's position is untouched. Under DDP it reads this rank's share of that pass.
+        """
+        stream = ActivationStream(
+            self.infos,
+            self.train_blocks,
+            batch_size=min(rows, self.batch_size),
+            shuffle=True,
+            buffer_rows=min(rows, self.buffer_rows),
+            seed=seed,
+            drop_last=False,
+        )
+        remaining = rows
+        for x, y in stream:
+            if remaining <= 0:
+                return
+            targets = None if y is x else y[:remaining]
+            yield x[:remaining], targets
+            remaining -= len(x)
 
     def setup(self, stage: str) -> None:
         self.train_stream = self._stream(self.train_blocks, shuffle=self.shuffle, drop_last=True)

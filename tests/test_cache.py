@@ -17,53 +17,29 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from lightning_sae.data import format as fmt
 from lightning_sae.data.cache import cache
 from lightning_sae.errors import UserError
+from tiny_lm import BOS, EOS, SPECIALS, tiny_llama, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)]
-SPECIALS = ["<unk>", "<s>", "</s>"]
-BOS, EOS = 1, 2
 N_LAYERS = 3
 CONTEXT = 16
 N_DOCS = 6
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over WORDS that needs no download."""
-    vocab = {token: index for index, token in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
 def _save_model(folder: Path, lm: torch.nn.Module) -> Path:
     """Save ``lm`` and the tokenizer side by side, as a hub checkpoint folder would hold them."""
     lm.save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
+    word_tokenizer(WORDS).save_pretrained(folder)
     return folder
 
 
 def _llama(seed: int = 0) -> LlamaForCausalLM:
     """A random 3-layer Llama with d_model 32."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=len(SPECIALS) + len(WORDS),
-        max_position_embeddings=64,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(len(WORDS), N_LAYERS, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +83,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 def _reference_windows(documents: list[str]) -> np.ndarray:
     """The windowing cache documents: BOS + 15 tokens of the EOS-separated stream, tail dropped."""
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer(WORDS)
     stream = [token for document in documents for token in tokenizer.encode(document, add_special_tokens=False) + [EOS]]
     body = CONTEXT - 1
     return np.array([[BOS] + stream[i : i + body] for i in range(0, len(stream) - body + 1, body)])

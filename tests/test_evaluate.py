@@ -11,10 +11,7 @@ import numpy as np
 import pytest
 import torch
 from lightning import Trainer
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from lightning_sae.cli import main
 from lightning_sae.data.cache import cache
@@ -24,41 +21,19 @@ from lightning_sae.errors import UserError
 from lightning_sae.evaluate import LOGGED, DownstreamEval, evaluate, kl_divergence
 from lightning_sae.export import export
 from lightning_sae.model import SparseAutoencoder
+from tiny_lm import BOS, EOS, tiny_llama, word_tokenizer
 
 D_MODEL, N_LAYERS, LAYER, CONTEXT = 32, 3, 1, 16
 WORDS = [f"w{i}" for i in range(97)]
-SPECIALS = ["<unk>", "<s>", "</s>"]
-BOS, EOS = 1, 2
 OPTIONS: dict[str, Any] = {"context_length": CONTEXT, "batch_size": 4, "max_tokens": 8 * CONTEXT, "device": "cpu"}
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over WORDS built locally (no download)."""
-    vocab = {token: index for index, token in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 3-layer Llama (d_model 32, vocab 100) and its tokenizer, saved as a hub folder would be."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=D_MODEL,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=len(SPECIALS) + len(WORDS),
-        max_position_embeddings=64,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        initializer_range=0.2,
-    )
     folder = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
+    tiny_llama(len(WORDS), N_LAYERS, initializer_range=0.2).save_pretrained(folder)
+    word_tokenizer(WORDS).save_pretrained(folder)
     return folder
 
 
@@ -157,7 +132,7 @@ def test_clean_loss_and_scored_positions_match_a_plain_forward_pass(
 ) -> None:
     """CE_clean and N equal the model's own next-token loss over positions that are neither special nor last."""
     results = run(export(identity_sae(), tmp_path / "sae"), text_file, data=data_file)
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer(WORDS)
     stream: list[int] = []
     for line in text_file.read_text().splitlines():
         stream += tokenizer.encode(json.loads(line)["text"], add_special_tokens=False) + [EOS]

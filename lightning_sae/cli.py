@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,12 @@ PLAIN_COMMANDS = {
 """Commands that are one function each: name → ``module:function`` (imported on use)."""
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+HARMLESS_WARNINGS = (
+    "Your `IterableDataset` has `__len__` defined",  # the stream shards workers itself
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning 2.6 with torch 2.13
+)
+"""Messages of third-party warnings that say nothing about the user's run."""
 
 
 class SAECLI(LightningCLI):
@@ -108,6 +115,8 @@ def _print_overview() -> None:
 def main(args: list[str] | None = None) -> None:
     """Run ``lightning_sae`` with ``args`` (default: the process arguments)."""
     argv = list(sys.argv[1:] if args is None else args)
+    for message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     try:
         if not argv or argv[0] in ("-h", "--help"):
             _print_overview()

@@ -89,6 +89,15 @@ def test_synth_command_writes_a_file(tmp_path: Path) -> None:
         assert file[ACTIVATIONS].shape == (100, 4)
 
 
+def test_a_file_written_by_plain_h5py_trains(tmp_path: Path, write_raw) -> None:
+    x = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float16)
+    path = write_raw(tmp_path / "plain.h5", activations=x)
+    main([*fit_args(path, tmp_path), "--trainer.max_steps", "20", "--trainer.val_check_interval", "20"])
+    (run,) = (tmp_path / "relu-l1").iterdir()
+    config = json.loads((run / "sae" / "cfg.json").read_text())
+    assert config["d_in"] == 16
+
+
 def expect_user_error(args: list[str], capsys: pytest.CaptureFixture[str], message: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(args)

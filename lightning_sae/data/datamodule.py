@@ -56,8 +56,9 @@ class ActivationDataModule(LightningDataModule):
             batch_size: Rows per batch on each device (seed 000 uses 32,768 in total).
             val_rows: Rows held out for validation, taken from the end of the last file.
             shuffle: Shuffle blocks and rows (seed 001 found this mattered little; keep it measurable).
-            buffer_rows: Rows in the shuffle buffer of each data-loading worker (or of the main
-                process), rounded down to whole batches; it is the loader's one large allocation.
+            buffer_rows: Rows in the shuffle window of each data-loading worker (or of the main
+                process), rounded down to whole batches; the loader holds two such buffers (one
+                served while the next is read), its one large allocation.
             num_workers: DataLoader worker processes per device.
             seed: Seed of the shuffling.
             scale_sample_rows: Training rows sampled to estimate the input scaling constant.

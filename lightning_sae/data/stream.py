@@ -6,10 +6,11 @@ off) and the concatenated rows are cut into equal contiguous shards, one per (ra
 ranks and workers read disjoint rows and their union covers the data once.
 
 A shard is read in windows of ``buffer_rows`` rows (rounded down to whole batches) straight into
-one preallocated buffer; the window's rows are permuted (seeded by seed, epoch, shard and window)
-and cut into batches by one gather each. Memory stays bounded by the buffer (one per worker), a
-resumed run skips whole windows without reading them, and the kernel is asked to read the next
-window from the disk while this one is served. Without shuffling, each batch is read straight
+preallocated buffers; the window's rows are permuted (seeded by seed, epoch, shard and window)
+and cut into batches by one gather each, while a background thread reads the next window into a
+second buffer. Memory stays bounded by the two buffers (per worker), a resumed run skips whole
+windows without reading them, and the kernel is asked to fetch the window after next from the
+disk. Without shuffling, each batch is read straight
 from the file and no buffer is kept.
 
 Every shard yields the same number of batches, so every rank does (DDP would hang otherwise).
@@ -31,6 +32,7 @@ import bisect
 import itertools
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,8 +112,8 @@ def split_blocks(infos: list[ActivationFileInfo], val_rows: int) -> tuple[list[R
     return train, val
 
 
-def read_into(dataset: h5py.Dataset, block: RowBlock, out: np.ndarray) -> None:
-    """Read ``block``'s rows of ``dataset`` straight into ``out`` and check they are finite.
+def read_into(dataset: h5py.Dataset, block: RowBlock, out: np.ndarray, check_finite: bool = True) -> None:
+    """Read ``block``'s rows of ``dataset`` straight into ``out``, checked finite unless told not to.
 
     Reading into the caller's array (one copy, no temporary) keeps the shuffle buffer the only
     large allocation. Errors name the file and the row, since they may surface far from here.
@@ -124,9 +126,18 @@ def read_into(dataset: h5py.Dataset, block: RowBlock, out: np.ndarray) -> None:
             f"{dataset.file.filename}: cannot read '{name}' rows {block.start}-{block.stop} ({exc}); "
             "is the file truncated or corrupted?"
         ) from exc
-    if not all_finite(out):
-        bad = block.start + int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
-        raise UserError(f"{dataset.file.filename}: '{name}' row {bad} holds NaN or Inf; clean or re-cache the file")
+    if check_finite and not all_finite(out):
+        raise not_finite_error(dataset.file.filename, name, block.start + first_not_finite(out))
+
+
+def first_not_finite(rows: np.ndarray) -> int:
+    """Index of the first row of ``rows`` holding NaN or ±Inf."""
+    return int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+
+
+def not_finite_error(path: str | Path, name: str, row: int) -> UserError:
+    """The error for a NaN or Inf in row ``row`` of dataset ``name`` of ``path``."""
+    return UserError(f"{path}: '{name}' row {row} holds NaN or Inf; clean or re-cache the file")
 
 
 def all_finite(rows: np.ndarray) -> bool:
@@ -175,14 +186,14 @@ class OpenFiles:
             self.opened[index] = [self.files[index][name] for name in self.names]
         return self.opened[index]
 
-    def read(self, pieces: list[RowBlock], x: np.ndarray, y: np.ndarray | None) -> None:
+    def read(self, pieces: list[RowBlock], x: np.ndarray, y: np.ndarray | None, check_finite: bool = True) -> None:
         """Read ``pieces`` one after another into ``x`` (and ``y``)."""
         position = 0
         for piece in pieces:
             datasets = self.datasets(piece.file)
-            read_into(datasets[0], piece, x[position : position + piece.rows])
+            read_into(datasets[0], piece, x[position : position + piece.rows], check_finite)
             if y is not None:
-                read_into(datasets[1], piece, y[position : position + piece.rows])
+                read_into(datasets[1], piece, y[position : position + piece.rows], check_finite)
             position += piece.rows
 
     def read_ahead(self, pieces: list[RowBlock]) -> None:
@@ -325,27 +336,49 @@ class ActivationStream(IterableDataset):
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches of ``rows`` shuffled window by window, after the first ``skip`` batches.
 
-        The next window's blocks are read ahead by the kernel while this one is cut into batches:
-        blocks come in random order, which the kernel's own read-ahead cannot guess.
+        Two window buffers alternate: while one is cut into batches, a background thread reads the
+        next window into the other (HDF5's copy and numpy's gather release the GIL, so they overlap
+        on two cores), and the kernel is asked to fetch the window after that from the disk:
+        blocks come in random order, which its own read-ahead cannot guess. The reading thread is
+        the slower one, so the NaN/Inf check runs on each gathered batch instead.
         """
-        buffer_x, buffer_y = self._buffers(min(self.window_rows, rows.rows))
+        size = min(self.window_rows, rows.rows)
+        buffers = [self._buffers(size), self._buffers(size)]
         first_window = skip * self.batch_size // self.window_rows
-        starts = range(first_window * self.window_rows, rows.rows, self.window_rows)
-        if starts:
-            files.read_ahead(rows.slice(starts[0], starts[0] + self.window_rows))
-        for window_start in starts:
+        starts = list(range(first_window * self.window_rows, rows.rows, self.window_rows))
+
+        def read_window(index: int) -> tuple[np.ndarray, np.ndarray | None]:
+            window_start = starts[index]
             files.read_ahead(rows.slice(window_start + self.window_rows, window_start + 2 * self.window_rows))
             n = min(self.window_rows, rows.rows - window_start)
-            x = buffer_x[:n]
-            y = buffer_y[:n] if buffer_y is not None else None
-            files.read(rows.slice(window_start, window_start + n), x, y)
-            window = window_start // self.window_rows
-            permutation = np.random.default_rng((self.seed, epoch, shard, window)).permutation(n)
-            first = max(skip * self.batch_size - window_start, 0)
-            for batch_start in range(first, n, self.batch_size):
-                index = permutation[batch_start : batch_start + self.batch_size]
-                batch_y = np.take(y, index, axis=0) if y is not None else None
-                yield self._tensors(np.take(x, index, axis=0), batch_y)
+            buffer_x, buffer_y = buffers[index % 2]
+            x, y = buffer_x[:n], buffer_y[:n] if buffer_y is not None else None
+            files.read(rows.slice(window_start, window_start + n), x, y, check_finite=False)
+            return x, y
+
+        if not starts:
+            return
+        files.read_ahead(rows.slice(starts[0], starts[0] + self.window_rows))
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(read_window, 0)
+            for index, window_start in enumerate(starts):
+                x, y = pending.result()
+                if index + 1 < len(starts):
+                    pending = reader.submit(read_window, index + 1)
+                n = len(x)
+                window = window_start // self.window_rows
+                permutation = np.random.default_rng((self.seed, epoch, shard, window)).permutation(n)
+                first = max(skip * self.batch_size - window_start, 0)
+                for batch_start in range(first, n, self.batch_size):
+                    positions = permutation[batch_start : batch_start + self.batch_size]
+                    batch_x = np.take(x, positions, axis=0)
+                    batch_y = np.take(y, positions, axis=0) if y is not None else None
+                    for name, batch in ((ACTIVATIONS, batch_x), (TARGETS, batch_y)):
+                        if batch is not None and not all_finite(batch):
+                            position = window_start + int(positions[first_not_finite(batch)])
+                            bad = rows.slice(position, position + 1)[0]
+                            raise not_finite_error(self.paths[bad.file], name, bad.start)
+                    yield self._tensors(batch_x, batch_y)
 
     def _buffers(self, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Empty (activations, targets or None) arrays of ``rows`` rows in the first file's dtype."""

@@ -27,7 +27,7 @@ class DeadFeatureTracker(Callback):
     d_i = #{rows of W where f_i > 0} / |W| over the last complete window W (before the first one
     completes: over the rows seen so far).
 
-    Logged every step: ``train/dead_fraction`` = #{i : r_i ≥ window_tokens} / m and
+    Logged on the steps the logger writes: ``train/dead_fraction`` = #{i : r_i ≥ window_tokens} / m and
     ``train/dense_fraction`` = #{i : d_i > dense_threshold} / m; at the end of each window, a
     histogram of log10 d_i to TensorBoard (``train/log10_feature_density``).
 

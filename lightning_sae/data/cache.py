@@ -300,11 +300,7 @@ def _open_output(path: Path, attrs: dict[str, Any], site: Site, dtype: StorageDt
         file = h5py.File(path, "r+")
     except OSError as exc:
         raise UserError(f"cannot reopen {path} to resume ({exc}); start over with --overwrite true") from exc
-    stored = {
-        key: value.item() if isinstance(value, np.generic) else value
-        for key, value in file.attrs.items()
-        if key not in RUN_ONLY_ATTRS
-    }
+    stored = {key: value for key, value in fmt.attributes(file).items() if key not in RUN_ONLY_ATTRS}
     if fmt.TOKEN_IDS not in file or stored.keys() != attrs.keys():
         file.close()
         raise UserError(f"{path} was not written by 'lightning_sae cache'; pass --overwrite true to replace it")

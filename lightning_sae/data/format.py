@@ -89,7 +89,7 @@ def read_info(path: str | Path) -> ActivationFileInfo:
         if TOKEN_IDS in file and not _rows_match(file[TOKEN_IDS].shape[0], acts.shape[0], n_rows, file):
             raise UserError(f"{path}: '{TOKEN_IDS}' length differs from '{ACTIVATIONS}' rows")
         chunk_rows = acts.chunks[0] if acts.chunks else min(n_rows, 4096)
-        attrs = {key: _plain(value) for key, value in file.attrs.items()}
+        attrs = attributes(file)
         return ActivationFileInfo(
             path=path,
             n_rows=n_rows,
@@ -156,6 +156,11 @@ def append(
 def _rows_match(rows: int, activation_rows: int, committed: int, file: h5py.File) -> bool:
     """A companion dataset covers the committed rows (ours) or all rows (a file without the attribute)."""
     return rows >= committed if COMMITTED_ROWS in file.attrs else rows == activation_rows
+
+
+def attributes(file: h5py.File) -> dict[str, Any]:
+    """The file's root attributes as plain Python values."""
+    return {key: _plain(value) for key, value in file.attrs.items()}
 
 
 def _plain(value: Any) -> Any:

@@ -20,8 +20,8 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from lightning_sae.data import format as fmt
-from lightning_sae.data.cache import cache
 from lightning_sae.errors import UserError
+from lightning_sae.lm.cache import cache
 from tiny_lm import BOS, EOS, SPECIALS, tiny_llama, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -383,7 +383,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(model_dir: Path, text_
     script = f"""
 import os, signal
 from lightning_sae.data import format as fmt
-from lightning_sae.data.cache import cache
+from lightning_sae.lm.cache import cache
 append, calls = fmt.append, []
 def append_then_die(*args):
     calls.append(append(*args))

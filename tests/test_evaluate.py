@@ -13,13 +13,14 @@ import torch
 from lightning import Trainer
 from transformers import LlamaForCausalLM
 
+from lightning_sae.callbacks.downstream_eval import LOGGED, DownstreamEval
 from lightning_sae.cli import main
-from lightning_sae.data.cache import cache
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.encoders import JumpReLU
 from lightning_sae.errors import UserError
-from lightning_sae.evaluate import LOGGED, DownstreamEval, evaluate, kl_divergence
 from lightning_sae.export import export
+from lightning_sae.lm.cache import cache
+from lightning_sae.lm.evaluate import evaluate, kl_divergence
 from lightning_sae.model import SparseAutoencoder
 from tiny_lm import BOS, EOS, tiny_llama, word_tokenizer
 

@@ -34,7 +34,7 @@ Mean ablation writes μ, the mean of the site's output over all scored positions
 text, computed in a first pass that runs the model only up to the hooked layer (so the result
 does not depend on whether an activation file is given).
 
-The SAE is evaluated in its exported form (:func:`lightning_sae.export.folded_copy`: unit decoder
+The SAE is evaluated in its exported form (:meth:`SparseAutoencoder.folded`: unit decoder
 rows, raw activations in), so a checkpoint and its export give the same numbers.
 """
 
@@ -50,20 +50,20 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 import torch
-from lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_sae.data.cache import check_request
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.data.format import read_info
 from lightning_sae.errors import UserError
-from lightning_sae.lm import (
+from lightning_sae.export import CONFIG_FILE, load_export, read_export_config
+from lightning_sae.lm.access import (
     ModelDtype,
     Piece,
     Site,
     SiteCapture,
     batched,
+    check_request,
     decoder_layers,
     load_model,
     model_source,
@@ -73,7 +73,6 @@ from lightning_sae.lm import (
     text_source,
     token_windows,
 )
-from lightning_sae.export import CONFIG_FILE, folded_copy, load_export, read_export_config
 from lightning_sae.metrics import reconstruction_metrics
 from lightning_sae.model import SparseAutoencoder
 
@@ -82,8 +81,6 @@ if TYPE_CHECKING:
 
 CONDITIONS = ("clean", "sae", "zero", "mean")
 """The forward passes run on every batch; ``clean`` first, its logits are the KL reference."""
-LOGGED = ("loss_recovered", "kl_score", "ce_sae", "kl_sae")
-"""What :class:`DownstreamEval` logs, under ``downstream/``."""
 DEFAULT_CONTEXT_LENGTH = 128
 DEFAULT_MAX_TOKENS = 1 << 16
 
@@ -142,25 +139,25 @@ def evaluate(
     """
     sae_model, recorded = _load_sae(sae)
     attrs = read_info(data).attrs if data is not None else recorded
-    layer, site = _site(layer, site, attrs)
+    layer, site = resolve_site(layer, site, attrs)
     context_length = context_length or int(attrs.get("context_length", DEFAULT_CONTEXT_LENGTH))
     if drop_special_tokens is None:
         drop_special_tokens = bool(attrs.get("drop_special_tokens", True))
-    check_request(layer, context_length, batch_size, max_tokens, resume=False, overwrite=False)
-    _check_kind(sae_model, site)
+    check_request(layer, context_length, batch_size, max_tokens)
+    check_kind(sae_model, site)
     if model is None and gguf_file is None:
         model, gguf_file = attrs.get("model"), attrs.get("gguf_file") or None
     pieces = text_source(text, text_field, split)
     model_id, load_kwargs = model_source(model, gguf_file, revision)
     tokenizer, lm = load_model(model_id, load_kwargs, model_dtype, resolve_device(device))
     blocks = decoder_layers(lm)
-    _check_model(sae_model, lm, blocks, layer, model_id)
-    batches = _text_batches(tokenizer, pieces, context_length, batch_size, max_tokens, drop_special_tokens)
+    check_model(sae_model, lm, blocks, layer, model_id)
+    batches = text_batches(tokenizer, pieces, context_length, batch_size, max_tokens, drop_special_tokens)
     n_tokens = sum(batch.input_ids.size for batch in batches())
     if n_tokens == 0:
         raise UserError(f"{text} holds fewer than context_length={context_length} tokens")
     with tqdm(total=2 * n_tokens, unit="tok", unit_scale=True, desc="evaluate") as bar:
-        metrics = splice_metrics(lm, folded_copy(sae_model), blocks, layer, site, batches, progress=bar.update)
+        metrics = splice_metrics(lm, sae_model.folded(), blocks, layer, site, batches, progress=bar.update)
     results = {"sae": str(sae), "model": model_id, "layer": layer, "site": site, **metrics}
     _report(results, json)
     return results
@@ -180,7 +177,7 @@ class _Batch:
         return cls(input_ids, scored)
 
 
-def _text_batches(
+def text_batches(
     tokenizer: PreTrainedTokenizerBase,
     pieces: Callable[[], Iterator[Piece]],
     context_length: int,
@@ -375,12 +372,12 @@ def _load_sae(path: Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
         return load_export(path), source
     if not path.is_file():
         raise UserError(f"SAE not found: {path} (give a checkpoint file or an export directory with {CONFIG_FILE})")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     source = checkpoint.get(ActivationDataModule.__qualname__, {}).get("source") or {}
-    return SparseAutoencoder.from_checkpoint(path), source
+    return SparseAutoencoder.from_checkpoint_dict(checkpoint, str(path)), source
 
 
-def _site(layer: int | None, site: str | None, attrs: dict[str, Any]) -> tuple[int, Site]:
+def resolve_site(layer: int | None, site: str | None, attrs: dict[str, Any]) -> tuple[int, Site]:
     """Layer and site: the arguments, else the metadata's ``layer`` and ``site`` attributes."""
     layer = layer if layer is not None else attrs.get("layer")
     site = site or attrs.get("site")
@@ -393,7 +390,7 @@ def _site(layer: int | None, site: str | None, attrs: dict[str, Any]) -> tuple[i
     return int(layer), site
 
 
-def _check_kind(sae: SparseAutoencoder, site: Site) -> None:
+def check_kind(sae: SparseAutoencoder, site: Site) -> None:
     """A transcoder (separate targets) goes with mlp_in_out, an SAE with the other sites."""
     if site == "mlp_in_out" and sae.reconstructs_input:
         raise UserError("site mlp_in_out needs a transcoder (trained on MLP inputs → outputs), not an SAE")
@@ -401,7 +398,7 @@ def _check_kind(sae: SparseAutoencoder, site: Site) -> None:
         raise UserError(f"the SAE is a transcoder: evaluate it at site mlp_in_out, not {site}")
 
 
-def _check_model(sae: SparseAutoencoder, lm: PreTrainedModel, blocks: nn.ModuleList, layer: int, model_id: str) -> None:
+def check_model(sae: SparseAutoencoder, lm: PreTrainedModel, blocks: nn.ModuleList, layer: int, model_id: str) -> None:
     """The layer exists and the SAE's widths equal the model's hidden size."""
     if not 0 <= layer < len(blocks):
         raise UserError(f"layer {layer} is out of range: {model_id} has layers 0..{len(blocks) - 1}")
@@ -449,88 +446,3 @@ def format_table(results: dict[str, Any]) -> str:
         if name not in skip and not name.startswith(("ce_", "kl_"))
     ]
     return "\n".join(lines)
-
-
-class DownstreamEval(Callback):
-    """Every ``every_n_steps`` training steps, splice the SAE into its language model on held-out
-    text and log ``downstream/<name>`` for each of :data:`LOGGED` (definitions in the module docstring).
-
-    The language model, layer, site, context length and special-token handling are those recorded
-    in the training data's first file by ``lightning_sae cache``. The text is tokenised once, at
-    setup; the evaluation runs on global rank 0 only. Does nothing when ``text`` is None.
-    """
-
-    def __init__(
-        self,
-        text: str | None = None,
-        every_n_steps: int = 1000,
-        max_tokens: int = 16_384,
-        batch_size: int = 8,
-        text_field: str = "text",
-        split: str = "train",
-        model_dtype: ModelDtype = "float32",
-    ) -> None:
-        """
-        Args:
-            text: Held-out text, in any form 'lightning_sae cache' reads; None turns the callback off.
-            every_n_steps: Evaluate after every this many optimizer steps.
-            max_tokens: Tokens of the text to evaluate on (whole windows, rounded down).
-            batch_size: Context windows per forward pass of the language model.
-            text_field: Field holding the text in JSON-lines records and datasets rows.
-            split: Split to read when the datasets directory holds a DatasetDict.
-            model_dtype: Dtype the language model computes in.
-        """
-        if every_n_steps < 1:
-            raise UserError(f"DownstreamEval every_n_steps must be at least 1, got {every_n_steps}")
-        self.text = text
-        self.every_n_steps = every_n_steps
-        self.max_tokens = max_tokens
-        self.batch_size = batch_size
-        self.text_field = text_field
-        self.split = split
-        self.model_dtype = model_dtype
-        self._run: Callable[[SparseAutoencoder], dict[str, float]] | None = None
-        self._last_step = -1
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.text is None or stage != "fit" or not trainer.is_global_zero:
-            return
-        assert isinstance(pl_module, SparseAutoencoder)
-        infos = getattr(trainer.datamodule, "infos", None)
-        if not infos:
-            raise UserError("DownstreamEval needs the activation files' metadata: train with ActivationDataModule")
-        attrs = infos[0].attrs
-        layer, site = _site(None, None, attrs)
-        _check_kind(pl_module, site)
-        context_length = int(attrs.get("context_length", DEFAULT_CONTEXT_LENGTH))
-        check_request(layer, context_length, self.batch_size, self.max_tokens, resume=False, overwrite=False)
-        pieces = text_source(self.text, self.text_field, self.split)
-        model_id, load_kwargs = model_source(attrs.get("model"), attrs.get("gguf_file") or None, None)
-        tokenizer, lm = load_model(model_id, load_kwargs, self.model_dtype, trainer.strategy.root_device)
-        blocks = decoder_layers(lm)
-        _check_model(pl_module, lm, blocks, layer, model_id)
-        drop_special_tokens = bool(attrs.get("drop_special_tokens", True))
-        batches = list(
-            _text_batches(tokenizer, pieces, context_length, self.batch_size, self.max_tokens, drop_special_tokens)()
-        )
-        if not batches:
-            raise UserError(f"DownstreamEval: {self.text} holds fewer than context_length={context_length} tokens")
-
-        def run(sae: SparseAutoencoder) -> dict[str, float]:
-            return splice_metrics(lm, sae, blocks, layer, site, lambda: iter(batches))
-
-        self._run = run
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if self._run is None or step % self.every_n_steps != 0 or step == self._last_step:
-            return
-        self._last_step = step
-        assert isinstance(pl_module, SparseAutoencoder)
-        metrics = self._run(folded_copy(pl_module))
-        pl_module.log_dict({f"downstream/{name}": metrics[name] for name in LOGGED}, rank_zero_only=True)
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._run = None

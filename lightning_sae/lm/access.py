@@ -1,9 +1,9 @@
 """Access to a Hugging Face causal language model: text in, hooked activations out.
 
 Shared by ``lightning_sae cache`` (which stores activations) and ``lightning_sae evaluate``
-(which splices an SAE back in): where text comes from and how it becomes fixed-length token
-windows, how a model is loaded (hub id, local folder or GGUF file), where its decoder layers are,
-and which module each cache site hooks.
+(which splices an SAE back in): the checks of the arguments they share, where text comes from
+and how it becomes fixed-length token windows, how a model is loaded (hub id, local folder or
+GGUF file), where its decoder layers are, and which module each cache site hooks.
 """
 
 from __future__ import annotations
@@ -40,6 +40,21 @@ Captured = dict[int, tuple[torch.Tensor, torch.Tensor | None]]
 
 class _StopForward(Exception):
     """Raised by the hook on the deepest requested layer: the rest of the forward pass is skipped."""
+
+
+def check_request(layer: int | list[int], context_length: int, batch_size: int, max_tokens: int | None) -> list[int]:
+    """Validate the layers, window length, batch size and token budget of a run over token windows;
+    returns the sorted layer list."""
+    layers = sorted(set([layer] if isinstance(layer, int) else layer))
+    if not layers:
+        raise UserError("--layer needs at least one layer")
+    if context_length < 2:
+        raise UserError(f"--context_length must be at least 2, got {context_length}")
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < context_length:
+        raise UserError(f"--max_tokens={max_tokens} is less than one window (--context_length={context_length})")
+    return layers
 
 
 def text_source(text: str, text_field: str, split: str) -> Callable[[], Iterator[Piece]]:

@@ -1,9 +1,9 @@
 """``lightning_sae cache``: run a causal language model over text and store activations.
 
 The text is tokenised into a deterministic sequence of fixed-length context windows (see
-``lightning_sae.lm.token_windows``), the model runs over batches of windows, forward hooks capture one site per
-requested layer, and a private exception raised by the hook on the deepest requested layer
-ends the forward pass there. Rows go to activation files in the format of
+``lightning_sae.lm.access.token_windows``), the model runs over batches of windows, forward hooks
+capture one site per requested layer, and a private exception raised by the hook on the deepest
+requested layer ends the forward pass there. Rows go to activation files in the format of
 ``lightning_sae.data.format``; since a window always yields the same rows, the committed row
 count of a file tells which windows it holds, which is what ``--resume`` relies on.
 """
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import h5py
 import numpy as np
@@ -24,11 +25,13 @@ from tqdm.auto import tqdm
 
 from lightning_sae.data import format as fmt
 from lightning_sae.errors import UserError
-from lightning_sae.lm import (
+from lightning_sae.lm.access import (
     ModelDtype,
+    Piece,
     Site,
     SiteCapture,
     batched,
+    check_request,
     decoder_layers,
     load_model,
     model_source,
@@ -37,6 +40,9 @@ from lightning_sae.lm import (
     token_windows,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 StorageDtype = Literal["float32", "float16"]
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
@@ -44,7 +50,6 @@ LAYER_PLACEHOLDER = "{layer}"
 VERIFY_BLOCK_ROWS = 1 << 20
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 RUN_ONLY_ATTRS = ("n_tokens", fmt.COMMITTED_ROWS)
-
 
 
 def cache(
@@ -102,14 +107,8 @@ def cache(
             must match their metadata); missing files are started.
         overwrite: Replace existing output files instead of refusing.
     """
-    layers = check_request(layer, context_length, batch_size, max_tokens, resume, overwrite)
-    paths = _output_paths(output, layers)
-    if not (resume or overwrite):
-        existing = [str(path) for path in paths.values() if path.exists()]
-        if existing:
-            raise UserError(
-                f"{', '.join(existing)} exists; pass --resume true to continue it or --overwrite true to replace it"
-            )
+    layers = check_request(layer, context_length, batch_size, max_tokens)
+    paths = _output_paths(output, layers, resume, overwrite)
     pieces = text_source(text, text_field, split)
     model_id, load_kwargs = model_source(model, gguf_file, revision)
     tokenizer, lm = load_model(model_id, load_kwargs, model_dtype, resolve_device(device))
@@ -117,16 +116,10 @@ def cache(
     for index in layers:
         if not 0 <= index < len(blocks):
             raise UserError(f"layer {index} is out of range: {model_id} has layers 0..{len(blocks) - 1}")
-
-    def windows() -> Iterator[np.ndarray]:
-        return token_windows(tokenizer, pieces(), context_length)
-
     special_ids = np.array(sorted(tokenizer.all_special_ids) if drop_special_tokens else [], dtype=np.int64)
-    max_windows = None if max_tokens is None else max_tokens // context_length
-    total_windows = sum(1 for _ in itertools.islice(windows(), max_windows))
-    if total_windows == 0:
-        raise UserError(f"{text} holds fewer than context_length={context_length} tokens")
-    common_attrs = {
+    windows = _Windows(tokenizer, pieces, context_length, special_ids)
+    total_windows = _count_windows(windows, text, max_tokens)
+    attrs = {
         "model": model_id,
         "gguf_file": load_kwargs.get("gguf_file", ""),
         "revision": _revision(model_id, load_kwargs),
@@ -142,30 +135,104 @@ def cache(
         "model_dtype": model_dtype,
     }
     with ExitStack() as stack:
-        files: dict[int, h5py.File] = {}
-        done: dict[int, int] = {}
-        for index, path in paths.items():
-            attrs = {**common_attrs, "layer": index}
-            file = _open_output(path, attrs, site, dtype, resume)
-            stack.callback(file.close)
-            files[index] = file
-            done[index] = _windows_done(file, windows(), special_ids) if fmt.committed_rows(file) else 0
-        first = min(done.values())
+        files, done = _open_outputs(stack, paths, attrs, windows, resume)
         hooks = SiteCapture(blocks, layers, site)
         stack.callback(hooks.remove)
-        bar = tqdm(
-            total=total_windows * context_length,
-            initial=min(first, total_windows) * context_length,
-            unit="tok",
-            unit_scale=True,
-            desc=f"cache {site} layer {','.join(map(str, layers))}",
-        )
-        stack.callback(bar.close)
+        _append_windows(lm, hooks, files, done, windows, total_windows, batch_size, site, dtype)
+        for file in files.values():
+            _truncate_to_committed(file)
+    _report(paths)
+
+
+def _output_paths(output: Path, layers: list[int], resume: bool, overwrite: bool) -> dict[int, Path]:
+    """One output path per layer, from the '{layer}' placeholder; an existing file needs ``resume``
+    or ``overwrite``."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other; pick one")
+    template = str(output)
+    if len(layers) > 1 and LAYER_PLACEHOLDER not in template:
+        raise UserError(f"--output {template} needs '{LAYER_PLACEHOLDER}' to name one file per layer")
+    paths = {index: Path(template.replace(LAYER_PLACEHOLDER, str(index))) for index in layers}
+    for path in paths.values():
+        if not path.parent.is_dir():
+            raise UserError(f"the folder of --output {path} does not exist")
+    if not (resume or overwrite):
+        existing = [str(path) for path in paths.values() if path.exists()]
+        if existing:
+            raise UserError(
+                f"{', '.join(existing)} exists; pass --resume true to continue it or --overwrite true to replace it"
+            )
+    return paths
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """The text's context windows, the same on every call, and the token ids whose positions give no row."""
+
+    tokenizer: PreTrainedTokenizerBase
+    pieces: Callable[[], Iterator[Piece]]
+    context_length: int
+    special_ids: np.ndarray
+
+    def __call__(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        """Windows ``start`` to ``stop`` (the end of the text when None)."""
+        return itertools.islice(token_windows(self.tokenizer, self.pieces(), self.context_length), start, stop)
+
+
+def _count_windows(windows: _Windows, text: str, max_tokens: int | None) -> int:
+    """Number of windows the run reads: all the text's, or the first ``max_tokens`` tokens' (at least one)."""
+    max_windows = None if max_tokens is None else max_tokens // windows.context_length
+    total = sum(1 for _ in windows(0, max_windows))
+    if total == 0:
+        raise UserError(f"{text} holds fewer than context_length={windows.context_length} tokens")
+    return total
+
+
+def _open_outputs(
+    stack: ExitStack, paths: dict[int, Path], attrs: dict[str, Any], windows: _Windows, resume: bool
+) -> tuple[dict[int, h5py.File], dict[int, int]]:
+    """Each layer's file, opened to continue or created (closed by ``stack``), and the number of
+    windows it already holds."""
+    files: dict[int, h5py.File] = {}
+    done: dict[int, int] = {}
+    for index, path in paths.items():
+        file = _open_output(path, {**attrs, "layer": index}, resume)
+        stack.callback(file.close)
+        files[index] = file
+        done[index] = _windows_done(file, windows(), windows.special_ids) if fmt.committed_rows(file) else 0
+    return files, done
+
+
+def _append_windows(
+    lm: PreTrainedModel,
+    hooks: SiteCapture,
+    files: dict[int, h5py.File],
+    done: dict[int, int],
+    windows: _Windows,
+    total_windows: int,
+    batch_size: int,
+    site: Site,
+    dtype: StorageDtype,
+) -> None:
+    """Run the model over the windows some file lacks, in batches, and commit each file's new rows.
+
+    ``done`` (windows each file holds) is advanced as rows are committed; a file's ``n_tokens``
+    attribute follows it.
+    """
+    first = min(done.values())
+    context_length = windows.context_length
+    with tqdm(
+        total=total_windows * context_length,
+        initial=min(first, total_windows) * context_length,
+        unit="tok",
+        unit_scale=True,
+        desc=f"cache {site} layer {','.join(map(str, files))}",
+    ) as bar:
         start = first
-        for batch in batched(itertools.islice(windows(), first, total_windows), batch_size):
+        for batch in batched(windows(first, total_windows), batch_size):
             captured = hooks.run(lm, batch)
-            keep = ~np.isin(batch, special_ids)
-            rows = {index: _rows(captured[index], keep, index, site, dtype) for index in layers}
+            keep = ~np.isin(batch, windows.special_ids)
+            rows = {index: _rows(captured[index], keep, index, site, dtype) for index in files}
             for index, file in files.items():
                 if done[index] < start + len(batch):
                     _append(file, batch, keep, rows[index], skip=max(0, done[index] - start))
@@ -174,46 +241,13 @@ def cache(
                     file.flush()
             start += len(batch)
             bar.update(len(batch) * context_length)
-        for file in files.values():
-            _truncate_to_committed(file)
+
+
+def _report(paths: dict[int, Path]) -> None:
+    """Print each written file's rows, width and tokens."""
     for path in paths.values():
         info = fmt.read_info(path)
         print(f"{path}: {info.n_rows} rows of {info.d_in} ({info.attrs['n_tokens']} tokens)")
-
-
-def check_request(
-    layer: int | list[int],
-    context_length: int,
-    batch_size: int,
-    max_tokens: int | None,
-    resume: bool,
-    overwrite: bool,
-) -> list[int]:
-    """Validate the arguments that need no file or model; returns the sorted layer list."""
-    layers = sorted(set([layer] if isinstance(layer, int) else layer))
-    if not layers:
-        raise UserError("--layer needs at least one layer")
-    if context_length < 2:
-        raise UserError(f"--context_length must be at least 2, got {context_length}")
-    if batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, got {batch_size}")
-    if max_tokens is not None and max_tokens < context_length:
-        raise UserError(f"--max_tokens={max_tokens} is less than one window (--context_length={context_length})")
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite exclude each other; pick one")
-    return layers
-
-
-def _output_paths(output: Path, layers: list[int]) -> dict[int, Path]:
-    """One output path per layer, from the '{layer}' placeholder."""
-    template = str(output)
-    if len(layers) > 1 and LAYER_PLACEHOLDER not in template:
-        raise UserError(f"--output {template} needs '{LAYER_PLACEHOLDER}' to name one file per layer")
-    paths = {index: Path(template.replace(LAYER_PLACEHOLDER, str(index))) for index in layers}
-    for path in paths.values():
-        if not path.parent.is_dir():
-            raise UserError(f"the folder of --output {path} does not exist")
-    return paths
 
 
 def _revision(model_id: str, kwargs: dict[str, str]) -> str:
@@ -284,15 +318,15 @@ def _append(
     )
 
 
-def _open_output(path: Path, attrs: dict[str, Any], site: Site, dtype: StorageDtype, resume: bool) -> h5py.File:
+def _open_output(path: Path, attrs: dict[str, Any], resume: bool) -> h5py.File:
     """Open ``path`` to continue (``resume`` and it exists, metadata checked) or create it afresh."""
     if not (resume and path.exists()):
         d_model = attrs["d_model"]
         return fmt.create(
             path,
             d_in=d_model,
-            d_out=d_model if site == "mlp_in_out" else None,
-            dtype=dtype,
+            d_out=d_model if attrs["site"] == "mlp_in_out" else None,
+            dtype=attrs["dtype"],
             token_ids=True,
             attrs={**attrs, "n_tokens": 0},
         )

@@ -1,0 +1,1 @@
+"""The language-model side: access (text, windows, loading, hooks), ``cache`` and ``evaluate``."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from machine import machine
 
 DATA_CASES = ("raw", "shuffle", "ordered")
 
@@ -141,16 +141,6 @@ def run_child(case: str) -> dict[str, Any]:
     command = [sys.executable, __file__, *sys.argv[1:], "--case", case]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    """CPU model, cores and memory of this machine, and its load when the run started."""
-    with open("/proc/cpuinfo") as cpuinfo:
-        model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    with open("/proc/meminfo") as meminfo:
-        kib = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal")))
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-    return f"{model}, {os.cpu_count()} CPU cores, {kib / 2**20:.1f} GiB RAM, {platform.system()}; load average {load}"
 
 
 DATA_NAMES = {

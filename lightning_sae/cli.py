@@ -32,9 +32,9 @@ from lightning_sae.model import SparseAutoencoder
 
 PLAIN_COMMANDS = {
     "synth": "lightning_sae.data.synth:synth",
-    "cache": "lightning_sae.data.cache:cache",
+    "cache": "lightning_sae.lm.cache:cache",
     "export": "lightning_sae.cli:export_checkpoint",
-    "evaluate": "lightning_sae.evaluate:evaluate",
+    "evaluate": "lightning_sae.lm.evaluate:evaluate",
 }
 """Commands that are one function each: name → ``module:function`` (imported on use)."""
 
@@ -61,19 +61,33 @@ class SAECLI(LightningCLI):
         parser.add_lightning_class_args(FeatureRecovery, "feature_recovery")
 
     def after_fit(self) -> None:
-        """Export the SAE to ``<log dir>/sae`` and print the final validation metrics."""
+        """Validate the final weights (unless the last step just did), export the SAE to
+        ``<log dir>/sae`` and print the final validation metrics.
+
+        An SAE whose encoder has no exact SAELens form is saved as a checkpoint instead
+        (``<log dir>/checkpoints/final.ckpt``), and the summary says why.
+        """
+        if self.model.validated_step != self.trainer.global_step:
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        log_dir = Path(self.trainer.log_dir or ".")
+        encoder = self.model.encoder
+        if encoder.saelens_architecture is None or not encoder.can_fold():
+            final = log_dir / "checkpoints" / "final.ckpt"
+            self.trainer.save_checkpoint(final)
+            where = f"not written: {type(encoder).__name__} has no exact SAELens form; the SAE is in {final}"
+        elif self.trainer.is_global_zero:
+            trackers = [callback for callback in self.trainer.callbacks if isinstance(callback, DeadFeatureTracker)]
+            density = trackers[0].feature_density() if trackers else None
+            log10_density = None if density is None else log10_feature_density(density)
+            where = str(export(self.model, log_dir / "sae", source=self.datamodule.infos[0].attrs,
+                               log10_feature_density=log10_density))
         if not self.trainer.is_global_zero:
             return
-        out = Path(self.trainer.log_dir or ".") / "sae"
-        trackers = [callback for callback in self.trainer.callbacks if isinstance(callback, DeadFeatureTracker)]
-        density = trackers[0].feature_density() if trackers else None
-        log10_density = None if density is None else log10_feature_density(density)
-        export(self.model, out, source=self.datamodule.infos[0].attrs, log10_feature_density=log10_density)
         metrics = {name: float(value) for name, value in self.trainer.callback_metrics.items() if name.startswith("val/")}
-        print(format_summary(metrics, out, self.trainer.log_dir))
+        print(format_summary(metrics, where, str(log_dir)))
 
 
-def format_summary(metrics: dict[str, float], export_dir: Path, log_dir: str | None) -> str:
+def format_summary(metrics: dict[str, float], export_dir: str, log_dir: str | None) -> str:
     """The end-of-fit report: final metrics, then where the logs and the export are."""
     lines = ["", "final validation metrics:"]
     lines += [f"  {name:<28} {value:.6g}" for name, value in sorted(metrics.items())]
@@ -90,8 +104,10 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
     """
     import torch
 
-    model = SparseAutoencoder.from_checkpoint(ckpt)
+    if not Path(ckpt).is_file():
+        raise UserError(f"checkpoint not found: {ckpt}")
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model = SparseAutoencoder.from_checkpoint_dict(checkpoint, str(ckpt))
     source = checkpoint.get(ActivationDataModule.__qualname__, {}).get("source")
     path = export(model, out, source=source)
     print(f"exported {ckpt} to {path}")

@@ -90,10 +90,16 @@ class StepFunction(torch.autograd.Function):
 
 
 class Encoder(nn.Module):
-    """Base class: features f = encoder(h, ‖W_d‖) from pre-activations h [..., d_sae]."""
+    """Base class: features f = encoder(h, ‖W_d‖) from pre-activations h [..., d_sae].
 
-    saelens_architecture: ClassVar[str] = "standard"
-    """The ``architecture`` an export of this encoder declares in SAELens' cfg.json."""
+    A subclass states what it is: ``saelens_architecture`` names the SAELens encoder it computes
+    exactly (None: none, and the SAE cannot be exported), and ``rescale_`` says how it follows a
+    rescaling of the pre-activations (not implemented: the SAE cannot be folded). Neither is
+    guessed: an SAE is never exported or folded as something it is not.
+    """
+
+    saelens_architecture: ClassVar[str | None] = None
+    """The ``architecture`` an export of this encoder declares in SAELens' cfg.json, if any."""
 
     def __init__(self, d_sae: int) -> None:
         super().__init__()
@@ -112,8 +118,18 @@ class Encoder(nn.Module):
 
         Folding calls it with products pre_act_scale·decoder_norm_scale equal for all features,
         so the ranking of effective activations h_i·‖W_d,i‖ is unchanged. Positively homogeneous
-        encoders (ReLU, TopK) have nothing to do.
+        encoders (f(a·h) = a·f(h) for a > 0: ReLU, TopK) have nothing to do; the base class refuses,
+        since an encoder that does not implement this cannot be folded exactly.
         """
+        raise UserError(
+            f"{type(self).__name__} cannot be folded: implement its rescale_ (nothing to do if f(a·h) = a·f(h) "
+            "for a > 0), or leave out DecoderNormFolding and the export"
+        )
+
+    @classmethod
+    def can_fold(cls) -> bool:
+        """Whether the encoder implements :meth:`rescale_`, so that the SAE can be folded."""
+        return cls.rescale_ is not Encoder.rescale_
 
     def saelens_config(self) -> dict[str, Any]:
         """Extra cfg.json entries of an SAELens export (e.g. ``k`` for TopK)."""
@@ -123,8 +139,13 @@ class Encoder(nn.Module):
 class ReLU(Encoder):
     """f = ReLU(h): the standard SAE (Towards Monosemanticity; Bricken et al. 2023)."""
 
+    saelens_architecture: ClassVar[str | None] = "standard"
+
     def forward(self, pre_acts: Tensor, decoder_norms: Tensor) -> Tensor:
         return torch.relu(pre_acts)
+
+    def rescale_(self, pre_act_scale: Tensor, decoder_norm_scale: Tensor) -> None:
+        """Positively homogeneous: nothing to adjust."""
 
 
 class JumpReLU(Encoder):
@@ -134,7 +155,7 @@ class JumpReLU(Encoder):
     :class:`JumpReLUFunction`, selected by ``ste``.
     """
 
-    saelens_architecture: ClassVar[str] = "jumprelu"
+    saelens_architecture: ClassVar[str | None] = "jumprelu"
 
     def __init__(
         self,
@@ -178,7 +199,7 @@ class JumpReLU(Encoder):
 class TopK(Encoder):
     """Keep the k largest effective activations h_i·‖W_d,i‖ per row, ReLU'd (Gao et al. 2024)."""
 
-    saelens_architecture: ClassVar[str] = "topk"
+    saelens_architecture: ClassVar[str | None] = "topk"
 
     def __init__(self, d_sae: int, k: int = 32) -> None:
         """
@@ -197,6 +218,9 @@ class TopK(Encoder):
         values = torch.relu(pre_acts.gather(-1, indices))
         return torch.zeros_like(pre_acts).scatter(-1, indices, values)
 
+    def rescale_(self, pre_act_scale: Tensor, decoder_norm_scale: Tensor) -> None:
+        """Positively homogeneous, and folding keeps the ranking of h_i·‖W_d,i‖: nothing to adjust."""
+
     def saelens_config(self) -> dict[str, Any]:
         return {"k": self.k}
 
@@ -209,7 +233,7 @@ class BatchTopK(Encoder):
     selected positive key of each training batch.
     """
 
-    saelens_architecture: ClassVar[str] = "jumprelu"
+    saelens_architecture: ClassVar[str | None] = "jumprelu"
 
     def __init__(self, d_sae: int, k: int = 32, threshold_momentum: float = 0.99) -> None:
         """

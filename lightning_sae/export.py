@@ -1,15 +1,7 @@
-"""Folding and the SAELens on-disk layout.
+"""The SAELens on-disk layout: writing a model into it, and reading one back.
 
-Folding rewrites the parameters of a model without changing its predictions:
-
-- decoder norms (seed 000): W_e' = W_e·‖W_d‖, b_e' = b_e·‖W_d‖, W_d' = W_d/‖W_d‖, b_d' = b_d, and
-  the encoder's own parameters follow (JumpReLU: t' = t + log‖W_d‖);
-- input scaling: with scales s_in, s_out, raw rows give h = s_in·x·W_e + b_e and
-  ŷ_raw = (f·W_d + b_d)/s_out; dividing h by s_out (W_e' = W_e·s_in/s_out, b_e' = b_e/s_out,
-  thresholds likewise) and b_d by s_out gives the same ŷ_raw with scales 1.
-
-An export holds the model after both foldings: unit-norm decoder rows, working on raw
-activations. Its directory has SAELens' layout: ``cfg.json``, ``sae_weights.safetensors``
+An export holds the model folded (:meth:`SparseAutoencoder.folded`): unit-norm decoder rows, no
+centering, working on raw activations. Its directory has SAELens' layout: ``cfg.json``, ``sae_weights.safetensors``
 (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec, ``threshold`` for JumpReLU-type
 encoders) and, when known, ``sparsity.safetensors`` (log10 feature density).
 
@@ -23,7 +15,6 @@ which :func:`load_export` reads and SAELens does not.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 from collections.abc import Callable
@@ -57,40 +48,6 @@ TRANSCODER_OUTPUT_HOOK = "blocks.{layer}.hook_mlp_out"
 
 ENCODERS = {"standard": ReLU, "jumprelu": JumpReLU, "topk": TopK}
 """Encoder rebuilt by :func:`load_export` for each SAELens base architecture."""
-
-
-@torch.no_grad()
-def fold_decoder_norms_(model: SparseAutoencoder) -> None:
-    """Make every decoder row unit-norm in place, keeping the model's predictions (seed 000).
-
-    An all-zero decoder row (a feature that writes nothing) is left as it is.
-    """
-    norms = model.decoder_norms()
-    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-    model.W_enc.mul_(norms)
-    model.b_enc.mul_(norms)
-    model.W_dec.div_(norms[:, None])
-    model.encoder.rescale_(norms, 1 / norms)
-
-
-@torch.no_grad()
-def fold_scales_(model: SparseAutoencoder) -> None:
-    """Fold input_scale and target_scale into the weights in place and set both to 1."""
-    s_in, s_out = model.input_scale.clone(), model.target_scale.clone()
-    model.W_enc.mul_(s_in / s_out)
-    model.b_enc.div_(s_out)
-    model.b_dec.div_(s_out)
-    model.encoder.rescale_(torch.full_like(model.b_enc, 1 / s_out.item()), torch.ones_like(model.b_enc))
-    model.input_scale.fill_(1.0)
-    model.target_scale.fill_(1.0)
-
-
-def folded_copy(model: SparseAutoencoder) -> SparseAutoencoder:
-    """A copy with decoder norms and scales folded: unit decoder rows, raw activations in."""
-    folded = copy.deepcopy(model).cpu().float().eval()
-    fold_decoder_norms_(folded)
-    fold_scales_(folded)
-    return folded
 
 
 def saelens_weights(folded: SparseAutoencoder) -> dict[str, Tensor]:
@@ -146,6 +103,11 @@ def saelens_architecture(model: SparseAutoencoder) -> str:
     """cfg.json's ``architecture``: the encoder's SAELens name, with SAELens' transcoder naming
     (``transcoder`` for a ReLU transcoder, ``<name>_transcoder`` otherwise) when d_out is separate."""
     name = model.encoder.saelens_architecture
+    if name is None:
+        raise UserError(
+            f"{type(model.encoder).__name__} has no SAELens architecture, so it cannot be exported: set its "
+            "saelens_architecture to the SAELens encoder it computes exactly, or keep using the checkpoint"
+        )
     if model.reconstructs_input:
         return name
     return "transcoder" if name == "standard" else f"{name}_transcoder"
@@ -159,12 +121,13 @@ def export(
 ) -> Path:
     """Write ``model`` to directory ``out`` in SAELens' layout; returns ``out``."""
     out = Path(out)
+    config = saelens_config(model, source)
+    folded = model.folded()
     out.mkdir(parents=True, exist_ok=True)
-    folded = folded_copy(model)
     save_file(saelens_weights(folded), out / WEIGHTS_FILE)
     if log10_feature_density is not None:
         save_file({"sparsity": log10_feature_density.detach().float().cpu().contiguous()}, out / SPARSITY_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(saelens_config(model, source), indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 

@@ -10,6 +10,7 @@ E‖x‖₂ = √n (seed 000). The scales are buffers, saved with the weights an
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 from collections.abc import Callable
@@ -22,10 +23,12 @@ from torch import Tensor, nn
 
 from lightning_sae.encoders import Encoder, ReLU
 from lightning_sae.errors import UserError
+from lightning_sae.firing import FiringCounter
 from lightning_sae.lr_schedule import WarmupDecaySchedule
 from lightning_sae.metrics import reconstruction_metrics
 from lightning_sae.output import SAEOutput
 from lightning_sae.penalties import Penalty
+from lightning_sae.target_l0 import L0Controller
 
 Batch = tuple[Tensor, Tensor]
 """(x, y) rows of a batch; y is x itself when the SAE reconstructs its input."""
@@ -44,13 +47,19 @@ class SparseAutoencoder(LightningModule):
         d_out: int | None = None,
         encoder: Callable[[int], Encoder] = ReLU,
         penalties: list[Penalty] | None = None,
-        lr: float = 2e-4,
+        lr: float | None = 2e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         lr_warmup_steps: int = 0,
         lr_rewarmup_steps: int = 0,
         lr_decay_fraction: float = 0.2,
         input_scale: float = 1.0,
         target_scale: float | None = None,
+        center_input: bool = False,
+        dead_after_tokens: int = 10_000_000,
+        target_l0: float | None = None,
+        target_l0_warmup: float = 0.0,
+        decoder_init_norm: float | None = None,
+        encoder_init_scale: float | None = None,
     ) -> None:
         """
         Args:
@@ -60,13 +69,26 @@ class SparseAutoencoder(LightningModule):
                 None: the SAE reconstructs its input, X = Y).
             encoder: The nonlinearity, e.g. ``lightning_sae.encoders.JumpReLU``.
             penalties: Loss terms added to the reconstruction loss, each with its coefficient.
-            lr: Adam learning rate (seed 000: 2e-4).
+            lr: Adam learning rate (seed 000: 2e-4); None: Gao et al. 2024's rule 2e-4·(2^14/m)^½.
             betas: Adam betas (seed 000: 0.9, 0.999; no weight decay).
             lr_warmup_steps: Cosine warmup from lr/10 at the start (seed 001: 1000; 0: none).
             lr_rewarmup_steps: Cosine re-warmup from lr/10 after each resampling (seed 001: 1000).
             lr_decay_fraction: Linear decay to zero over this last fraction of training (seed 000: 0.2).
             input_scale: Multiplier of x making E‖x‖₂ = √d_in (estimated from the data file).
             target_scale: Multiplier of y making E‖y‖₂ = √d_out (None: input_scale).
+            center_input: Encode x − b_dec instead of x (Bricken et al. 2023; Gao et al. 2024's b_pre;
+                SAELens' apply_b_dec_to_input); needs X = Y.
+            dead_after_tokens: Training rows without firing after which a feature is dead (AuxK's
+                dead latents, resampling, the dead fraction; Gao et al. 2024: 10M tokens).
+            target_l0: Mean active features per row at which to hold the model's sparsity penalty: its
+                coefficient is then found while training (:class:`~lightning_sae.target_l0.L0Controller`),
+                starting from the configured one. None: the coefficient as configured.
+            target_l0_warmup: Fraction of the run over which the L0 target falls from the first step's
+                L0 to ``target_l0`` (seed 000's sparsity warmup, in L0).
+            decoder_init_norm: Initial norm of every decoder row, in random directions (Gao et al. 2024: 1);
+                None: seed 000's W_d ~ U(−1/√n, 1/√n).
+            encoder_init_scale: W_e = s·W_dᵀ at initialisation when X = Y (Gao et al. 2024: 1); None: seed
+                000's s = n/m.
         """
         super().__init__()
         if d_in < 1 or d_sae < 1 or (d_out is not None and d_out < 1):
@@ -79,11 +101,17 @@ class SparseAutoencoder(LightningModule):
         self.d_sae = d_sae
         self.d_out = d_out or d_in
         self.reconstructs_input = d_out is None
+        if center_input and not self.reconstructs_input:
+            raise UserError("center_input subtracts b_dec from the input, so it needs d_out = d_in (no targets)")
+        self.center_input = center_input
         self.encoder = encoder(d_sae)
+        self.firing = FiringCounter(d_sae, dead_after_tokens)
         self.penalties = nn.ModuleList(penalties or [])
         self.penalty_names = _unique_names([penalty.name for penalty in self.penalties])
         for penalty in self.penalties:
             penalty.bind(d_in, d_sae, self.encoder)
+        self.l0_controller = None if target_l0 is None else L0Controller(target_l0, target_l0_warmup)
+        self.controlled_penalty = None if target_l0 is None else self._sparsity_penalty()
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, self.d_out))
@@ -91,7 +119,17 @@ class SparseAutoencoder(LightningModule):
         self.register_buffer("input_scale", torch.tensor(float(input_scale)))
         self.register_buffer("target_scale", torch.tensor(float(target_scale or input_scale)))
         self.val_metrics = reconstruction_metrics(d_sae, prefix="val/")
+        self.validated_step = -1
+        """The optimizer step of the last completed validation pass (−1: none yet)."""
         self.reset_parameters()
+
+    def _sparsity_penalty(self) -> Penalty:
+        """The one penalty with ``sparsity`` set, which ``target_l0`` controls."""
+        sparsity = [penalty for penalty in self.penalties if penalty.sparsity]
+        if len(sparsity) != 1:
+            names = [name for name, penalty in zip(self.penalty_names, self.penalties) if penalty.sparsity]
+            raise UserError(f"target_l0 needs exactly one sparsity penalty (L1, Tanh, L0), the model has {names}")
+        return sparsity[0]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -102,8 +140,11 @@ class SparseAutoencoder(LightningModule):
         """
         bound = self.d_in**-0.5
         self.W_dec.uniform_(-bound, bound)
+        if self.hparams.decoder_init_norm is not None:
+            self.W_dec.mul_(self.hparams.decoder_init_norm / self.W_dec.norm(dim=1, keepdim=True))
         if self.reconstructs_input:
-            self.W_enc.copy_(self.W_dec.T * (self.d_in / self.d_sae))
+            scale = self.hparams.encoder_init_scale
+            self.W_enc.copy_(self.W_dec.T * (self.d_in / self.d_sae if scale is None else scale))
         else:
             self.W_enc.uniform_(-(self.d_sae**-0.5), self.d_sae**-0.5)
         self.b_enc.zero_()
@@ -123,15 +164,25 @@ class SparseAutoencoder(LightningModule):
             y_scaled = y.to(self.W_enc.dtype) * self.target_scale
         if y_scaled is None:
             raise UserError("this model maps X to a different Y: batches must carry targets")
-        pre_acts = x_scaled @ self.W_enc + self.b_enc
+        pre_acts = self.pre_activations(x_scaled)
         decoder_norms = self.decoder_norms()
         features = self.encoder(pre_acts, decoder_norms)
         reconstruction = features @ self.W_dec + self.b_dec
-        return SAEOutput(x_scaled, y_scaled, pre_acts, features, reconstruction, decoder_norms, self.W_dec)
+        return SAEOutput(
+            x_scaled, y_scaled, pre_acts, features, reconstruction, decoder_norms, self.W_dec, self.firing.dead_mask()
+        )
+
+    def encoder_input(self, x_scaled: Tensor) -> Tensor:
+        """What W_enc multiplies: the scaled rows, less b_dec with ``center_input``, [B, n]."""
+        return x_scaled - self.b_dec if self.center_input else x_scaled
+
+    def pre_activations(self, x_scaled: Tensor) -> Tensor:
+        """h = x·W_enc + b_enc, or (x − b_dec)·W_enc + b_enc with ``center_input``, of scaled rows, [B, m]."""
+        return self.encoder_input(x_scaled) @ self.W_enc + self.b_enc
 
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations f of raw rows x, [B, m]."""
-        pre_acts = x.to(self.W_enc.dtype) * self.input_scale @ self.W_enc + self.b_enc
+        pre_acts = self.pre_activations(x.to(self.W_enc.dtype) * self.input_scale)
         return self.encoder(pre_acts, self.decoder_norms())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -152,7 +203,13 @@ class SparseAutoencoder(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         out = self.forward_pass(*batch)
+        self.firing.update(out.features)
+        if self.l0_controller is not None:
+            assert self.controlled_penalty is not None
+            self.controlled_penalty.factor = self.l0_controller.factor()
         total, terms = self.loss(out)
+        if self.l0_controller is not None:
+            self.l0_controller.update(self.firing.step_l0(), self.global_step, self.total_steps)
         rows = out.input.shape[0]
         if self.logs_this_step():
             logs = {f"train/{name}": value.detach() for name, value in terms.items()}
@@ -182,27 +239,86 @@ class SparseAutoencoder(LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), sync_dist=False)
         self.val_metrics.reset()
+        if not self.trainer.sanity_checking:
+            self.validated_step = self.global_step
 
     # --------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=self.hparams.betas, weight_decay=0.0)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate(), betas=self.hparams.betas, weight_decay=0.0)
         total_steps = self.trainer.estimated_stepping_batches
         if not 0 < total_steps < float("inf"):
             raise UserError("the number of training steps is unknown: set trainer.max_steps")
+        self.total_steps = int(total_steps)
         schedule = WarmupDecaySchedule(
             optimizer,
-            total_steps=int(total_steps),
+            total_steps=self.total_steps,
             warmup_steps=self.hparams.lr_warmup_steps,
             rewarmup_steps=self.hparams.lr_rewarmup_steps,
             decay_fraction=self.hparams.lr_decay_fraction,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def learning_rate(self) -> float:
+        """The base learning rate: ``lr``, or Gao et al. 2024's 2e-4·(2^14/m)^½ when it is None."""
+        if self.hparams.lr is not None:
+            return self.hparams.lr
+        return 2e-4 * (2**14 / self.d_sae) ** 0.5
+
     def restart_lr_warmup(self) -> None:
         """Start the post-resampling learning-rate re-warmup (seed 001)."""
         schedule = self.lr_schedulers()
         assert isinstance(schedule, WarmupDecaySchedule)
         schedule.restart_warmup()
+
+    # ----------------------------------------------------------------- folding
+    @torch.no_grad()
+    def fold_decoder_norms_(self) -> None:
+        """Make every decoder row unit-norm in place, keeping the predictions (seed 000).
+
+        W_e' = W_e·‖W_d‖, b_e' = b_e·‖W_d‖, W_d' = W_d/‖W_d‖, b_d' = b_d, and the encoder's own
+        parameters follow (:meth:`Encoder.rescale_`; JumpReLU: t' = t + log‖W_d‖). With
+        ``center_input`` the encoder reads x − b_dec, which is unchanged. An all-zero decoder row
+        (a feature that writes nothing) is left as it is.
+        """
+        norms = self.decoder_norms()
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        self.encoder.rescale_(norms, 1 / norms)
+        self.W_enc.mul_(norms)
+        self.b_enc.mul_(norms)
+        self.W_dec.div_(norms[:, None])
+
+    @torch.no_grad()
+    def fold_centering_(self) -> None:
+        """Turn h = (x − b_dec)·W_enc + b_enc into h = x·W_enc + b_enc' in place: b_enc' = b_enc − b_dec·W_enc."""
+        if self.center_input:
+            self.b_enc.sub_(self.b_dec @ self.W_enc)
+            self.center_input = False
+
+    @torch.no_grad()
+    def fold_scales_(self) -> None:
+        """Fold input_scale s_in and target_scale s_out into the weights in place and set both to 1.
+
+        Raw rows give h = s_in·x·W_e + b_e and ŷ_raw = (f·W_d + b_d)/s_out; dividing h by s_out
+        (W_e' = W_e·s_in/s_out, b_e' = b_e/s_out, thresholds likewise) and b_d by s_out gives the
+        same ŷ_raw with scales 1. Needs the centering folded first.
+        """
+        self.fold_centering_()
+        s_in, s_out = self.input_scale.clone(), self.target_scale.clone()
+        self.encoder.rescale_(torch.full_like(self.b_enc, 1 / s_out.item()), torch.ones_like(self.b_enc))
+        self.W_enc.mul_(s_in / s_out)
+        self.b_enc.div_(s_out)
+        self.b_dec.div_(s_out)
+        self.input_scale.fill_(1.0)
+        self.target_scale.fill_(1.0)
+
+    def folded(self) -> SparseAutoencoder:
+        """A float32 CPU copy in eval mode with every folding applied: unit decoder rows, no
+        centering, raw activations in. It makes the same predictions; exports hold it."""
+        folded = copy.deepcopy(self).cpu().float().eval()
+        folded.fold_centering_()
+        folded.fold_decoder_norms_()
+        folded.fold_scales_()
+        return folded
 
     # ----------------------------------------------------------- persistence
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -212,6 +328,7 @@ class SparseAutoencoder(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        upgrade_state_dict(checkpoint["state_dict"])
         stored = checkpoint["state_dict"]["W_enc"].shape
         if tuple(stored) != tuple(self.W_enc.shape):
             raise UserError(
@@ -225,9 +342,13 @@ class SparseAutoencoder(LightningModule):
         path = Path(path)
         if not path.is_file():
             raise UserError(f"checkpoint not found: {path}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return cls.from_checkpoint_dict(torch.load(path, map_location="cpu", weights_only=True), str(path))
+
+    @classmethod
+    def from_checkpoint_dict(cls, checkpoint: dict[str, Any], where: str = "the checkpoint") -> SparseAutoencoder:
+        """Rebuild a model, plugins included, from a loaded ``fit`` checkpoint; ``where`` names it in errors."""
         if "plugins" not in checkpoint:
-            raise UserError(f"{path} is not a lightning_sae checkpoint (no plugin description)")
+            raise UserError(f"{where} is not a lightning_sae checkpoint (no plugin description)")
         encoder_spec = checkpoint["plugins"]["encoder"]
         encoder_cls = _import(encoder_spec["class_path"])
         accepted = inspect.signature(cls.__init__).parameters
@@ -237,15 +358,23 @@ class SparseAutoencoder(LightningModule):
             encoder=lambda d_sae: encoder_cls(d_sae, **encoder_spec["init_args"]),
             penalties=[instantiate(spec) for spec in checkpoint["plugins"]["penalties"]],
         )
-        model.load_state_dict(checkpoint["state_dict"])
+        model.load_state_dict(upgrade_state_dict(checkpoint["state_dict"]))
         return model
 
-    @classmethod
-    def from_export(cls, directory: str | Path) -> SparseAutoencoder:
-        """Rebuild a model from an export directory (see :func:`lightning_sae.export.load_export`)."""
-        from lightning_sae.export import load_export
 
-        return load_export(directory)
+def upgrade_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Bring a state dict of an earlier version to this one's keys, in place; returns it.
+
+    Before the model owned its firing counter, AuxK kept ``penalties.<i>.tokens_since_fired``:
+    that count becomes ``firing.rows_since_fired`` (zeros when there was none).
+    """
+    if "firing.rows_since_fired" not in state:
+        old = [key for key in state if key.endswith(".tokens_since_fired")]
+        counts = state[old[0]] if old else torch.zeros(state["b_enc"].shape[0], dtype=torch.long)
+        for key in old:
+            del state[key]
+        state["firing.rows_since_fired"] = counts
+    return state
 
 
 def plugin_spec(plugin: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -28,3 +28,5 @@ class SAEOutput:
     """‖W_d,i‖₂ [m], differentiable."""
     W_dec: Tensor
     """The decoder weight [m, o] (penalties such as AuxK decode with it)."""
+    dead: Tensor
+    """[m] bool: the features the model's firing counter calls dead (before this batch)."""

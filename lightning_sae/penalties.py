@@ -1,8 +1,9 @@
 """Penalty plugins: the loss terms added to the reconstruction loss ‖y − ŷ‖².
 
 Each penalty returns its *unweighted* value, averaged over the batch; the model adds
-``coefficient · warmup_factor · value``. ``coefficient`` is the configured (final) value;
-``warmup_factor`` in [0, 1] is what a schedule callback changes during training.
+``coefficient · factor · value``. ``coefficient`` is the configured value; ``factor`` (1 unless a
+callback sets it: a float or a scalar tensor on the device) is what a schedule (``SparsityWarmup``)
+or a controller (``TargetL0``) changes during training.
 A new penalty subclasses :class:`Penalty` and implements ``forward``.
 """
 
@@ -12,7 +13,6 @@ import re
 from typing import ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_sae.encoders import Encoder, JumpReLU
@@ -31,7 +31,7 @@ class Penalty(nn.Module):
         if coefficient < 0:
             raise UserError(f"{type(self).__name__} coefficient must be >= 0, got {coefficient}")
         self.coefficient = coefficient
-        self.warmup_factor = 1.0
+        self.factor: float | Tensor = 1.0
 
     @property
     def name(self) -> str:
@@ -39,9 +39,9 @@ class Penalty(nn.Module):
         return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(self).__name__).lower()
 
     @property
-    def current_coefficient(self) -> float:
-        """The coefficient in force now: coefficient · warmup_factor."""
-        return self.coefficient * self.warmup_factor
+    def current_coefficient(self) -> float | Tensor:
+        """The coefficient in force now: coefficient · factor."""
+        return self.coefficient * self.factor
 
     def bind(self, d_in: int, d_sae: int, encoder: Encoder) -> None:
         """Check compatibility with the model and allocate state; called once by the model."""
@@ -137,47 +137,29 @@ class AuxK(Penalty):
     """α‖e − ê‖² with e = y − ŷ and ê the decoding of the top-k_aux *dead* features' activations.
 
     Gao et al. 2024 ("Scaling and evaluating sparse autoencoders", section A.2): gives dead
-    latents of TopK/BatchTopK SAEs a gradient. A feature is dead once it has not fired for
-    ``dead_after_tokens`` training rows (counted over all ranks).
+    latents of TopK/BatchTopK SAEs a gradient. The dead features are those of the model's firing
+    counter (``model.dead_after_tokens``); with none dead the term is 0. No host synchronisation:
+    the top-k_aux runs over every feature with the alive ones at −∞, which decode to 0.
     """
 
-    def __init__(self, coefficient: float = 1 / 32, k_aux: int | None = None, dead_after_tokens: int = 10_000_000) -> None:
+    def __init__(self, coefficient: float = 1 / 32, k_aux: int | None = None) -> None:
         """
         Args:
             coefficient: α (Gao et al.: 1/32).
             k_aux: Dead features used for the auxiliary reconstruction (default d_in // 2).
-            dead_after_tokens: Rows without firing after which a feature counts as dead.
         """
         super().__init__(coefficient)
         self.k_aux = k_aux
-        self.dead_after_tokens = dead_after_tokens
 
     def bind(self, d_in: int, d_sae: int, encoder: Encoder) -> None:
-        self.k_aux = self.k_aux or max(1, d_in // 2)
+        self.k_aux = min(self.k_aux or max(1, d_in // 2), d_sae)
         if self.k_aux < 1:
             raise UserError(f"AuxK k_aux must be >= 1, got {self.k_aux}")
-        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
 
     def forward(self, out: SAEOutput, encoder: Encoder) -> Tensor:
-        if self.training:
-            self._count(out.features)
-        dead = self.tokens_since_fired >= self.dead_after_tokens
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return out.pre_acts.new_zeros(())
-        dead_pre_acts = out.pre_acts.masked_fill(~dead, float("-inf"))
-        top = dead_pre_acts.topk(min(self.k_aux, n_dead), dim=-1)
+        dead_pre_acts = out.pre_acts.masked_fill(~out.dead, float("-inf"))
+        top = dead_pre_acts.topk(self.k_aux, dim=-1)
         aux_features = torch.zeros_like(out.pre_acts).scatter(-1, top.indices, torch.relu(top.values))
         residual = (out.target - out.reconstruction).detach()
-        return (residual - aux_features @ out.W_dec).pow(2).sum(-1).mean()
-
-    @torch.no_grad()
-    def _count(self, features: Tensor) -> None:
-        fired = (features > 0).reshape(-1, features.shape[-1]).any(0)
-        rows = torch.tensor(features[..., 0].numel(), device=features.device)
-        if dist.is_available() and dist.is_initialized():
-            fired = fired.to(torch.uint8)
-            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-            dist.all_reduce(rows)
-            fired = fired.bool()
-        self.tokens_since_fired.add_(rows).masked_fill_(fired, 0)
+        error = (residual - aux_features @ out.W_dec).pow(2).sum(-1).mean()
+        return error * out.dead.any()

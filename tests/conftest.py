@@ -109,3 +109,20 @@ def toy_data(toy_file: Path) -> Callable[..., ActivationDataModule]:
     """``toy_data(**kwargs)``: an ActivationDataModule over ``toy_file``, batches of 64 rows, 512 held out."""
     defaults: dict[str, int] = {"batch_size": 64, "val_rows": 512, "buffer_rows": 512, "scale_sample_rows": 1024}
     return lambda **kwargs: ActivationDataModule(str(toy_file), **{**defaults, **kwargs})
+
+
+# ------------------------------------------------------------------- the README's own plug-in example
+README = Path(__file__).parents[1] / "README.md"
+
+
+@pytest.fixture
+def readme_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The module ``my_plugins`` exactly as the README's plug-in example writes it, importable."""
+    import importlib
+    import re
+
+    (code,) = re.findall(r"```python\n(# my_plugins\.py\n.*?)```", README.read_text(), flags=re.DOTALL)
+    (tmp_path / "my_plugins.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "my_plugins", raising=False)
+    return importlib.import_module("my_plugins")

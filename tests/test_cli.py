@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -151,3 +152,24 @@ def test_overview_lists_every_command(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     for command in ("fit", "synth", "export"):
         assert command in out
+
+
+def test_a_fit_shorter_than_its_validation_interval_still_ends_with_validation(
+    toy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main([*fit_args(toy_file, tmp_path), "--trainer.max_steps", "30", "--trainer.val_check_interval", "5000"])
+    out = capsys.readouterr().out
+    metrics = out.split("final validation metrics:")[1].split("TensorBoard logs:")[0]
+    for name in ("val/fvu", "val/l0", "val/loss", "val/mmcs", "val/recovered"):
+        assert name in metrics, out
+
+
+def test_a_plugin_without_a_saelens_form_trains_and_says_why_there_is_no_export(
+    readme_plugins: Any, toy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main([*fit_args(toy_file, tmp_path), "--trainer.max_steps", "10", "--model.encoder", "my_plugins.SoftplusGate"])
+    assert "SAELens export:   not written: SoftplusGate has no exact SAELens form" in capsys.readouterr().out
+    (run,) = (tmp_path / "relu-l1").iterdir()
+    assert not (run / "sae").exists()
+    model = SparseAutoencoder.from_checkpoint(run / "checkpoints" / "final.ckpt")
+    assert type(model.encoder).__name__ == "SoftplusGate"

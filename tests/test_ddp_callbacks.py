@@ -52,7 +52,9 @@ def test_two_ranks_agree(
     toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer], tmp_path: Path
 ) -> None:
     data = toy_data()
-    model = SparseAutoencoder(d_in=16, d_sae=32, penalties=[L1(0.1)], lr=3e-3, input_scale=data.input_scale)
+    model = SparseAutoencoder(
+        d_in=16, d_sae=32, penalties=[L1(0.1)], lr=3e-3, input_scale=data.input_scale, dead_after_tokens=WINDOW
+    )
     callbacks = [
         DeadFeatureTracker(window_tokens=WINDOW),
         Resampling(steps=[4], sample_rows=1024),

@@ -41,7 +41,9 @@ class Recount(Callback):
 
 def relu_model(input_scale: float, silenced: int = 6) -> SparseAutoencoder:
     """A ReLU SAE whose first ``silenced`` features can never fire (b_enc = −1000)."""
-    model = SparseAutoencoder(d_in=16, d_sae=32, penalties=[L1(0.1)], lr=3e-3, input_scale=input_scale)
+    model = SparseAutoencoder(
+        d_in=16, d_sae=32, penalties=[L1(0.1)], lr=3e-3, input_scale=input_scale, dead_after_tokens=4 * BATCH
+    )
     with torch.no_grad():
         model.b_enc[:silenced] = -1000.0
     return model
@@ -54,7 +56,8 @@ def test_counts_match_a_recount(
     tracker = DeadFeatureTracker(window_tokens=4 * BATCH)
     recount = Recount()
     trainer = callback_trainer(10, [tracker, recount], val_check_interval=3, limit_val_batches=2, log_every_n_steps=5)
-    trainer.fit(relu_model(data.input_scale), data)
+    model = relu_model(data.input_scale)
+    trainer.fit(model, data)
     fired = torch.stack(recount.fired)  # [steps, rows, m]
     # windows close after steps 4 and 8; rows 8-9 are the open window
     torch.testing.assert_close(tracker.density, fired[4:8].flatten(0, 1).double().mean(0))
@@ -63,10 +66,10 @@ def test_counts_match_a_recount(
     fired_per_step = fired.any(1)
     last_fired = torch.where(fired_per_step.any(0), 9 - fired_per_step.int().flip(0).argmax(0), -1)
     rows_since = torch.where(last_fired >= 0, (9 - last_fired) * BATCH, 10 * BATCH)
-    assert torch.equal(tracker.rows_since_fired, rows_since)
-    assert torch.equal(tracker.dead_mask(), rows_since >= 4 * BATCH)
-    assert tracker.dead_mask()[:6].all()
-    dead = tracker.dead_mask().float().mean().item()
+    assert torch.equal(model.firing.rows_since_fired, rows_since)
+    assert torch.equal(model.firing.dead_mask(), rows_since >= 4 * BATCH)
+    assert model.firing.dead_mask()[:6].all()
+    dead = model.firing.dead_mask().float().mean().item()
     assert trainer.callback_metrics["train/dead_fraction"].item() == pytest.approx(dead)
     dense = (tracker.density > 0.1).float().mean().item()
     assert trainer.callback_metrics["train/dense_fraction"].item() == pytest.approx(dense)
@@ -77,11 +80,12 @@ def test_density_before_the_first_window_covers_the_rows_so_far(
 ) -> None:
     data = toy_data()
     tracker = DeadFeatureTracker(window_tokens=1_000_000)
-    callback_trainer(3, [tracker]).fit(relu_model(data.input_scale), data)
+    model = relu_model(data.input_scale)
+    callback_trainer(3, [tracker]).fit(model, data)
     density = tracker.feature_density()
     assert density is not None and tracker.density is None
     torch.testing.assert_close(density, tracker.window_counts.double() / (3 * BATCH))
-    assert not tracker.dead_mask().any()  # nothing can be dead before a whole window has passed
+    assert not model.firing.dead_mask().any()  # nothing can be dead before dead_after_tokens rows
 
 
 def test_histogram_goes_to_tensorboard(
@@ -103,7 +107,6 @@ def test_state_round_trips() -> None:
     tracker = DeadFeatureTracker(window_tokens=8)
     model = SparseAutoencoder(d_in=4, d_sae=5)
     tracker.setup(Trainer(logger=False), model, "fit")
-    tracker.rows_since_fired.copy_(torch.tensor([0, 3, 8, 9, 1]))
     tracker.window_counts.copy_(torch.tensor([1, 0, 0, 0, 2]))
     tracker.window_rows = 4
     state = tracker.state_dict()
@@ -111,10 +114,7 @@ def test_state_round_trips() -> None:
     restored.setup(Trainer(logger=False), model, "fit")
     restored.load_state_dict(state)
     restored.on_fit_start(Trainer(logger=False), model)
-    assert torch.equal(restored.dead_mask(), torch.tensor([False, False, True, True, False]))
     torch.testing.assert_close(restored.feature_density(), torch.tensor([0.25, 0, 0, 0, 0.5], dtype=torch.float64))
-    restored.revive_(torch.tensor([2]))
-    assert restored.dead_mask().tolist() == [False, False, False, True, False]
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -6,6 +6,7 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -174,3 +175,10 @@ def test_load_export_errors(tmp_path: Path) -> None:
     (out / "sae_weights.safetensors").unlink()
     with pytest.raises(UserError, match="sae_weights.safetensors not found"):
         load_export(out)
+
+
+def test_an_encoder_without_a_saelens_form_is_refused_not_mislabelled(readme_plugins: Any, tmp_path: Path) -> None:
+    model = SparseAutoencoder(d_in=D_IN, d_sae=D_SAE, encoder=readme_plugins.SoftplusGate)
+    with pytest.raises(UserError, match="SoftplusGate has no SAELens architecture"):
+        export(model, tmp_path / "sae")
+    assert not (tmp_path / "sae").exists(), "nothing is written"

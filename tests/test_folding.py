@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning_sae.callbacks.folding import DecoderNormFolding
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.encoders import BatchTopK, Encoder, JumpReLU, ReLU, TopK
+from lightning_sae.errors import UserError
 from lightning_sae.model import SparseAutoencoder
 from lightning_sae.penalties import Tanh
 
@@ -72,3 +74,26 @@ def test_fit_ends_with_the_folded_model(
     torch.testing.assert_close(model.decoder_norms(), torch.ones(48))
     with torch.no_grad():
         assert (model(x) - unfolded(x)).abs().max() <= 1e-5
+
+
+def test_an_encoder_that_cannot_follow_the_folding_is_refused_before_training(
+    readme_plugins: Any, toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer]
+) -> None:
+    data = toy_data()
+    model = SparseAutoencoder(d_in=16, d_sae=48, encoder=readme_plugins.SoftplusGate, input_scale=data.input_scale)
+    trainer = callback_trainer(4, [DecoderNormFolding()])
+    with pytest.raises(UserError, match="SoftplusGate does not implement rescale_"):
+        trainer.fit(model, data)
+    assert trainer.global_step == 0
+    with pytest.raises(UserError, match="cannot be folded"):
+        model.fold_decoder_norms_()
+
+
+def test_centred_models_fold_too() -> None:
+    model = skewed_model(ReLU)
+    model.center_input = True
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        before = model(x)
+        model.fold_decoder_norms_()
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)

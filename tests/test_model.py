@@ -9,7 +9,7 @@ import torch
 
 from lightning_sae.encoders import BatchTopK, JumpReLU, ReLU, TopK
 from lightning_sae.errors import UserError
-from lightning_sae.model import SparseAutoencoder, instantiate, plugin_spec
+from lightning_sae.model import SparseAutoencoder, instantiate, plugin_spec, upgrade_state_dict
 from lightning_sae.penalties import L0, L1, AuxK, PreAct, Tanh
 
 
@@ -35,7 +35,7 @@ def test_initialisation_matches_the_recipe_when_x_differs_from_y() -> None:
 
 def test_loss_is_summed_squared_error_plus_weighted_penalties() -> None:
     model = SparseAutoencoder(d_in=8, d_sae=16, penalties=[L1(coefficient=0.5), Tanh(coefficient=2.0)])
-    model.penalties[1].warmup_factor = 0.5
+    model.penalties[1].factor = 0.5
     x = torch.randn(4, 8)
     out = model.forward_pass(x)
     total, terms = model.loss(out)
@@ -79,7 +79,7 @@ def test_encoder_spec_round_trips(plugin: torch.nn.Module) -> None:
     assert plugin_spec(rebuilt, skip=("d_sae",)) == spec
 
 
-@pytest.mark.parametrize("plugin", [L1(3.0), Tanh(7.0, c=2.0), L0(0.1), PreAct(1e-5), AuxK(0.5, k_aux=4, dead_after_tokens=99)])
+@pytest.mark.parametrize("plugin", [L1(3.0), Tanh(7.0, c=2.0), L0(0.1), PreAct(1e-5), AuxK(0.5, k_aux=4)])
 def test_penalty_spec_round_trips(plugin: torch.nn.Module) -> None:
     spec = plugin_spec(plugin)
     assert plugin_spec(instantiate(spec)) == spec
@@ -90,3 +90,45 @@ def test_bad_dimensions_and_scales_are_refused() -> None:
         SparseAutoencoder(d_in=0, d_sae=8)
     with pytest.raises(UserError, match="input_scale"):
         SparseAutoencoder(d_in=4, d_sae=8, input_scale=float("nan"))
+
+
+def test_centred_input_encodes_x_minus_b_dec_and_folds_to_the_same_predictions() -> None:
+    model = SparseAutoencoder(d_in=8, d_sae=16, center_input=True, input_scale=2.0)
+    with torch.no_grad():
+        model.b_dec.normal_()
+        model.b_enc.normal_(0, 0.3)
+    x = torch.randn(32, 8)
+    out = model.forward_pass(x)
+    torch.testing.assert_close(out.pre_acts, (2.0 * x - model.b_dec) @ model.W_enc + model.b_enc)
+    folded = model.folded()
+    assert not folded.center_input
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="center_input"):
+        SparseAutoencoder(d_in=8, d_sae=16, d_out=4, center_input=True)
+
+
+def test_gao_initialisation_and_learning_rate_rule() -> None:
+    model = SparseAutoencoder(d_in=32, d_sae=256, decoder_init_norm=1.0, encoder_init_scale=1.0, lr=None)
+    torch.testing.assert_close(model.decoder_norms(), torch.ones(256))
+    torch.testing.assert_close(model.W_enc, model.W_dec.T)
+    assert model.learning_rate() == pytest.approx(2e-4 * math.sqrt(2**14 / 256))
+    assert SparseAutoencoder(d_in=32, d_sae=256, lr=3e-3).learning_rate() == 3e-3
+
+
+def test_target_l0_controls_the_one_sparsity_penalty() -> None:
+    model = SparseAutoencoder(d_in=8, d_sae=16, penalties=[Tanh(1.0), PreAct()], target_l0=4.0)
+    assert model.controlled_penalty is model.penalties[0]
+    with pytest.raises(UserError, match="exactly one sparsity penalty"):
+        SparseAutoencoder(d_in=8, d_sae=16, penalties=[PreAct()], target_l0=4.0)
+    with pytest.raises(UserError, match="exactly one sparsity penalty"):
+        SparseAutoencoder(d_in=8, d_sae=16, penalties=[L1(1.0), Tanh(1.0)], target_l0=4.0)
+
+
+def test_state_dicts_of_earlier_versions_load() -> None:
+    """AuxK's own rows-since-fired buffer becomes the model's firing counter."""
+    model = SparseAutoencoder(d_in=8, d_sae=16, encoder=lambda m: TopK(m, k=2), penalties=[AuxK()])
+    state = {key: value for key, value in model.state_dict().items() if not key.startswith("firing.")}
+    state["penalties.0.tokens_since_fired"] = torch.arange(16)
+    restored = SparseAutoencoder(d_in=8, d_sae=16, encoder=lambda m: TopK(m, k=2), penalties=[AuxK()])
+    restored.load_state_dict(upgrade_state_dict(state))
+    assert restored.firing.rows_since_fired.tolist() == list(range(16))

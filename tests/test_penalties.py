@@ -11,8 +11,10 @@ from lightning_sae.output import SAEOutput
 from lightning_sae.penalties import L0, L1, AuxK, PreAct, Tanh
 
 
-def make_output(batch: int = 6, d: int = 5, m: int = 7, encoder: torch.nn.Module | None = None) -> SAEOutput:
-    """A forward pass with leaf tensors for pre-activations and the decoder."""
+def make_output(
+    batch: int = 6, d: int = 5, m: int = 7, encoder: torch.nn.Module | None = None, dead: torch.Tensor | None = None
+) -> SAEOutput:
+    """A forward pass with leaf tensors for pre-activations and the decoder; ``dead``: the dead mask."""
     torch.manual_seed(1)
     x = torch.randn(batch, d)
     pre_acts = torch.randn(batch, m, requires_grad=True)
@@ -20,7 +22,8 @@ def make_output(batch: int = 6, d: int = 5, m: int = 7, encoder: torch.nn.Module
     norms = W_dec.norm(dim=1)
     features = encoder(pre_acts, norms) if encoder is not None else torch.relu(pre_acts)
     reconstruction = features @ W_dec
-    return SAEOutput(x, x, pre_acts, features, reconstruction, norms, W_dec)
+    dead = torch.zeros(m, dtype=torch.bool) if dead is None else dead
+    return SAEOutput(x, x, pre_acts, features, reconstruction, norms, W_dec, dead)
 
 
 def test_l1_equals_the_materialised_formula_in_value_and_gradient() -> None:
@@ -89,14 +92,11 @@ def test_l0_needs_a_jumprelu() -> None:
 
 def test_auxk_is_zero_without_dead_features_and_reconstructs_the_residual_with_dead_ones() -> None:
     encoder = TopK(7, k=2)
-    penalty = AuxK(coefficient=1 / 32, k_aux=2, dead_after_tokens=10)
+    penalty = AuxK(coefficient=1 / 32, k_aux=2)
     penalty.bind(5, 7, encoder)
-    out = make_output(encoder=encoder)
-    assert float(penalty(out, encoder)) == 0.0
-    penalty.eval()
-    penalty.tokens_since_fired.fill_(0)
+    assert float(penalty(make_output(encoder=encoder), encoder)) == 0.0
     dead = torch.tensor([True, False, True, True, False, False, False])
-    penalty.tokens_since_fired[dead] = 10
+    out = make_output(encoder=encoder, dead=dead)
     value = penalty(out, encoder)
     masked = out.pre_acts.detach().masked_fill(~dead, float("-inf"))
     top = masked.topk(2, dim=-1)
@@ -108,15 +108,15 @@ def test_auxk_is_zero_without_dead_features_and_reconstructs_the_residual_with_d
     assert (grad_pre[:, ~dead] == 0).all(), "only dead features get the auxiliary gradient"
 
 
-def test_auxk_counts_tokens_since_last_firing() -> None:
-    encoder = TopK(3, k=1)
-    penalty = AuxK(k_aux=1, dead_after_tokens=4)
-    penalty.bind(2, 3, encoder)
-    features = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
-    out = SAEOutput(torch.zeros(2, 2), torch.zeros(2, 2), features, features, torch.zeros(2, 2), torch.ones(3), torch.zeros(3, 2))
-    penalty(out, encoder)
-    penalty(out, encoder)
-    assert penalty.tokens_since_fired.tolist() == [0, 4, 4]
+def test_auxk_with_fewer_dead_features_than_k_aux_decodes_only_those() -> None:
+    encoder = TopK(7, k=2)
+    penalty = AuxK(k_aux=5)
+    penalty.bind(5, 7, encoder)
+    dead = torch.tensor([False, True, False, False, False, False, False])
+    out = make_output(encoder=encoder, dead=dead)
+    residual = (out.target - out.reconstruction).detach()
+    aux = torch.relu(out.pre_acts.detach()[:, 1:2]) @ out.W_dec.detach()[1:2]
+    torch.testing.assert_close(penalty(out, encoder), (residual - aux).pow(2).sum(-1).mean())
 
 
 def test_negative_coefficient_is_refused() -> None:
@@ -124,8 +124,8 @@ def test_negative_coefficient_is_refused() -> None:
         Tanh(coefficient=-1.0)
 
 
-def test_current_coefficient_follows_the_warmup_factor_and_names_are_snake_case() -> None:
+def test_current_coefficient_follows_the_factor_and_names_are_snake_case() -> None:
     penalty = PreAct(coefficient=2.0)
-    penalty.warmup_factor = 0.25
+    penalty.factor = 0.25
     assert penalty.current_coefficient == 0.5
     assert penalty.name == "pre_act" and AuxK().name == "aux_k" and L1().name == "l1"

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from lightning import Callback, LightningModule, Trainer
 from torch.optim import Optimizer
 
-from lightning_sae.callbacks.dead_features import DeadFeatureTracker
 from lightning_sae.callbacks.resampling import Resampling
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.data.format import ACTIVATIONS, TARGETS
@@ -32,7 +31,9 @@ RESAMPLE_STEP = 4
 
 def silenced_model(input_scale: float, **kwargs: Any) -> SparseAutoencoder:
     """A ReLU SAE whose first SILENCED features never fire (b_enc = −1000, and L1 gives no way back)."""
-    model = SparseAutoencoder(d_in=16, d_sae=32, penalties=[L1(0.1)], input_scale=input_scale, **kwargs)
+    model = SparseAutoencoder(
+        d_in=16, d_sae=32, penalties=[L1(0.1)], input_scale=input_scale, dead_after_tokens=2 * BATCH, **kwargs
+    )
     with torch.no_grad():
         model.b_enc[:SILENCED] = -1000.0
     return model
@@ -61,22 +62,22 @@ def fit_with_resampling(
     callback_trainer: Callable[..., Trainer],
     steps: int,
     **model_kwargs: Any,
-) -> tuple[DeadFeatureTracker, SparseAutoencoder, SparseAutoencoder, RecordLR]:
-    """Fit a silenced model, resampling at RESAMPLE_STEP; returns the tracker, the model just
-    before and just after the resampling, and the learning rates."""
+) -> tuple[SparseAutoencoder, SparseAutoencoder, SparseAutoencoder, RecordLR]:
+    """Fit a silenced model (dead after two steps without firing), resampling at RESAMPLE_STEP;
+    returns the trained model, the model just before and just after the resampling, and the
+    learning rates."""
     data = toy_data()
     model = silenced_model(data.input_scale, **model_kwargs)
-    tracker = DeadFeatureTracker(window_tokens=2 * BATCH)
     before, after, record = CopyAt(), CopyAt(), RecordLR()
-    callbacks = [before, tracker, Resampling(steps=[RESAMPLE_STEP], sample_rows=1024), after, record]
+    callbacks = [before, Resampling(steps=[RESAMPLE_STEP], sample_rows=1024), after, record]
     callback_trainer(steps, callbacks).fit(model, data)
-    return tracker, before.model, after.model, record
+    return model, before.model, after.model, record
 
 
 def test_dead_features_come_back(
     toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer]
 ) -> None:
-    tracker, before, after, _ = fit_with_resampling(toy_data, callback_trainer, 12, lr=3e-3, lr_rewarmup_steps=3)
+    trained, before, after, _ = fit_with_resampling(toy_data, callback_trainer, 12, lr=3e-3, lr_rewarmup_steps=3)
     assert torch.equal(after.b_enc[:SILENCED], torch.zeros(SILENCED))
     torch.testing.assert_close(after.decoder_norms()[:SILENCED], torch.ones(SILENCED))
     encoder_norms = after.W_enc.norm(dim=0)
@@ -86,8 +87,9 @@ def test_dead_features_come_back(
     cosine = F.normalize(after.W_enc[:, :SILENCED].T, dim=-1) @ F.normalize(after.W_dec[:SILENCED], dim=-1).T
     torch.testing.assert_close(cosine.diagonal(), torch.ones(SILENCED))
     assert (cosine - torch.eye(SILENCED)).abs().max() < 0.999  # no two alike
-    assert tracker.rows_since_fired[:SILENCED].max() < 2 * BATCH  # they fire again
-    assert not tracker.dead_mask().any()
+    assert after.firing.rows_since_fired[:SILENCED].max() == 0  # their counts restart
+    assert trained.firing.rows_since_fired[:SILENCED].max() < 2 * BATCH  # they fire again
+    assert not trained.firing.dead_mask().any()
 
 
 def test_loss_does_not_spike(
@@ -170,12 +172,12 @@ def test_transcoder_decoder_rows_point_at_targets(
     transcoder_file: Path, callback_trainer: Callable[..., Trainer]
 ) -> None:
     data = ActivationDataModule(str(transcoder_file), batch_size=BATCH, val_rows=256, buffer_rows=512)
-    model = SparseAutoencoder(d_in=12, d_sae=24, d_out=10, penalties=[L1(0.1)], lr=1e-3,
+    model = SparseAutoencoder(d_in=12, d_sae=24, d_out=10, penalties=[L1(0.1)], lr=1e-3, dead_after_tokens=2 * BATCH,
                               input_scale=data.input_scale, target_scale=data.target_scale)
     with torch.no_grad():
         model.b_enc[:4] = -1000.0
     after = CopyAt()
-    callbacks = [DeadFeatureTracker(window_tokens=2 * BATCH), Resampling(steps=[RESAMPLE_STEP], sample_rows=512), after]
+    callbacks = [Resampling(steps=[RESAMPLE_STEP], sample_rows=512), after]
     callback_trainer(RESAMPLE_STEP + 1, callbacks).fit(model, data)
     with h5py.File(transcoder_file, "r") as file:
         x, y = torch.from_numpy(file[ACTIVATIONS][:]), torch.from_numpy(file[TARGETS][:])
@@ -192,7 +194,7 @@ def test_draws_favour_high_loss_rows(
     data = toy_data()
     model = silenced_model(data.input_scale)
     resampling = Resampling(steps=[5], sample_rows=2048)
-    trainer = callback_trainer(1, [DeadFeatureTracker(), resampling])
+    trainer = callback_trainer(1, [resampling])
     trainer.fit(model, data)
     inputs, targets = resampling.draw(trainer, model, 64)
     assert len(inputs) == 64 and len(set(map(tuple, inputs.tolist()))) == 64
@@ -203,11 +205,6 @@ def test_draws_favour_high_loss_rows(
     assert drawn.median() > typical
 
 
-def test_needs_a_tracker(
-    toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer]
-) -> None:
-    data = toy_data()
-    with pytest.raises(UserError, match="DeadFeatureTracker"):
-        callback_trainer(1, [Resampling(steps=[1])]).fit(silenced_model(data.input_scale), data)
+def test_bad_arguments_are_refused() -> None:
     with pytest.raises(UserError, match="positive"):
         Resampling(steps=[0])

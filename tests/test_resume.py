@@ -71,6 +71,7 @@ def run(
         lr_warmup_steps=2,
         lr_rewarmup_steps=3,
         input_scale=data.input_scale,
+        dead_after_tokens=3 * BATCH,
     )
     count = CountResampled()
     callbacks = [

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_sae.export import export, folded_copy, load_export
+from lightning_sae.export import export, load_export
 from test_export import CASES, D_IN, SOURCE, trained_like
 
 sae_lens = pytest.importorskip("sae_lens")
@@ -39,7 +39,7 @@ def test_sae_lens_loads_the_export(encoder: str, d_out: int | None, tmp_path: Pa
     x = torch.randn(256, D_IN) * 1.5
     with torch.no_grad():
         features = sae.encode(x)
-        torch.testing.assert_close(features, folded_copy(model).encode(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(features, model.folded().encode(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sae.decode(features), model(x), atol=1e-5, rtol=1e-5)
 
 

@@ -40,3 +40,25 @@ def test_existing_file_is_kept_unless_overwrite(tmp_path: Path) -> None:
 def test_impossible_firing_rates_are_refused() -> None:
     with pytest.raises(UserError, match="above 1"):
         firing_probabilities(4, mean_active=3.9, exponent=2.0)
+
+
+def test_offset_and_magnitudes(tmp_path: Path) -> None:
+    # fewer features than dimensions, so each row's coefficients are unique
+    path = synth(out=tmp_path / "t.h5", n_rows=20_000, d_in=16, n_features=8, mean_active=2.0, exponent=0.0,
+                 noise=0.0, min_magnitude=0.5, max_magnitude=1.5, offset=3.0)
+    with h5py.File(path) as file:
+        x = file[format.ACTIVATIONS][()]
+        features = file[format.GROUND_TRUTH]["features"][()]
+        offset = file[format.GROUND_TRUTH]["offset"][()]
+        probabilities = file[format.GROUND_TRUTH]["firing_probabilities"][()]
+    assert np.linalg.norm(offset) == pytest.approx(3.0, rel=1e-5)
+    np.testing.assert_allclose(probabilities, 2.0 / 8)
+    coefficients, *_ = np.linalg.lstsq(features.T, (x - offset).T, rcond=None)
+    active = coefficients[np.abs(coefficients) > 1e-3]
+    assert active.min() >= 0.5 - 1e-3 and active.max() <= 1.5 + 1e-3
+    assert (np.abs(coefficients) > 1e-3).sum(0).mean() == pytest.approx(2.0, rel=0.05)
+
+
+def test_bad_magnitudes_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="magnitude"):
+        synth(out=tmp_path / "t.h5", n_rows=10, d_in=4, n_features=8, mean_active=1.0, min_magnitude=2.0, max_magnitude=1.0)

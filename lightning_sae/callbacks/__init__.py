@@ -2,6 +2,8 @@
 
 from lightning_sae.callbacks.calibration import EncoderBiasCalibration
 from lightning_sae.callbacks.dead_features import DeadFeatureTracker
+from lightning_sae.callbacks.decoder_bias import DecoderBiasInit
+from lightning_sae.callbacks.downstream_eval import DownstreamEval
 from lightning_sae.callbacks.feature_recovery import FeatureRecovery
 from lightning_sae.callbacks.folding import DecoderNormFolding
 from lightning_sae.callbacks.resampling import Resampling
@@ -9,7 +11,9 @@ from lightning_sae.callbacks.sparsity_warmup import SparsityWarmup
 
 __all__ = [
     "DeadFeatureTracker",
+    "DecoderBiasInit",
     "DecoderNormFolding",
+    "DownstreamEval",
     "EncoderBiasCalibration",
     "FeatureRecovery",
     "Resampling",

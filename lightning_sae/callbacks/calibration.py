@@ -79,7 +79,7 @@ class EncoderBiasCalibration(Callback):
                 f"EncoderBiasCalibration: {n_rows} rows cannot resolve a firing rate of {rate:.3g}; "
                 f"raise sample_rows (have {self.sample_rows}) or the training data"
             )
-        x_scaled = x.to(model.W_enc.dtype) * model.input_scale
+        x_scaled = model.encoder_input(x.to(model.W_enc.dtype) * model.input_scale)
         cutoffs = torch.empty(model.d_sae, dtype=model.W_enc.dtype, device=model.W_enc.device)
         width = max(1, QUANTILE_ELEMENTS // n_rows)
         for start in range(0, model.d_sae, width):

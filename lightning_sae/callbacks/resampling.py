@@ -11,7 +11,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sae.callbacks.dead_features import DeadFeatureTracker
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.errors import UserError
 from lightning_sae.model import SparseAutoencoder
@@ -21,7 +20,7 @@ class Resampling(Callback):
     """Neuron resampling of Bricken et al. 2023 ("Towards Monosemanticity"), at the given steps.
 
     Seed 001 ranks it the second most important trick, after width. At each step in ``steps``,
-    with D the dead features (from :class:`DeadFeatureTracker`):
+    with D the dead features of the model's firing counter:
 
     1. compute the reconstruction loss l_n = ‖y_n − ŷ_n‖² of ``sample_rows`` training rows;
     2. draw |D| rows with probability ∝ l_n² (successive draws without replacement, by
@@ -34,38 +33,50 @@ class Resampling(Callback):
        ``model.restart_lr_warmup()``).
 
     Encoder-specific parameters (JumpReLU thresholds) are kept. Rank 0 draws the rows and
-    broadcasts them; the dead set is the tracker's, which is the same on every rank, so every
-    rank applies the same update. Draws are seeded by ``seed`` and the step, so a resumed run
-    resamples exactly like an uninterrupted one.
+    broadcasts them; the dead set is the model's firing counter's, which is the same on every rank, so
+    every rank applies the same update, and the revived features' counts restart. Draws are seeded
+    by ``seed`` and the step, so a resumed run resamples exactly like an uninterrupted one.
     """
 
-    def __init__(self, steps: list[int], sample_rows: int = 819_200, encoder_scale: float = 0.2, seed: int = 0) -> None:
+    def __init__(
+        self,
+        steps: list[int] | None = None,
+        fractions: list[float] | None = None,
+        sample_rows: int = 819_200,
+        encoder_scale: float = 0.2,
+        seed: int = 0,
+    ) -> None:
         """
         Args:
             steps: Optimizer steps at which to resample (seed 001: 20k, 50k, 75k and 100k).
+            fractions: Resampling points as fractions of the run's total steps, for recipes that
+                scale with the run (seed 001's points of a 100k-step run: 0.2, 0.5, 0.75).
             sample_rows: Training rows whose loss is computed to draw from (Bricken et al. 2023: 819,200).
             encoder_scale: Encoder norm of a revived feature relative to the mean of the alive ones
                 (Bricken et al. 2023: 0.2).
             seed: Seed of the choice of rows and of the draws.
         """
-        if any(step < 1 for step in steps):
+        if (steps is None) == (fractions is None):
+            raise UserError("Resampling needs either steps or fractions")
+        if any(step < 1 for step in steps or []):
             raise UserError(f"Resampling steps must be positive, got {steps}")
+        if any(not 0 < fraction < 1 for fraction in fractions or []):
+            raise UserError(f"Resampling fractions must be between 0 and 1, got {fractions}")
         if sample_rows < 1 or encoder_scale <= 0:
             raise UserError(
                 f"Resampling needs sample_rows >= 1 and encoder_scale > 0, got {sample_rows} and {encoder_scale}"
             )
-        self.steps = sorted(set(steps))
+        self.steps = steps
+        self.fractions = fractions
         self.sample_rows = sample_rows
         self.encoder_scale = encoder_scale
         self.seed = seed
         self.last_step = -1
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Find the dead-feature tracker."""
-        trackers = [callback for callback in trainer.callbacks if isinstance(callback, DeadFeatureTracker)]
-        if len(trackers) != 1:
-            raise UserError(f"Resampling needs exactly one DeadFeatureTracker callback, found {len(trackers)}")
-        self.tracker = trackers[0]
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fix the resampling steps (``fractions`` of the run's total steps)."""
+        total = trainer.estimated_stepping_batches
+        self._steps = set(self.steps or [max(1, round(fraction * total)) for fraction in self.fractions or []])
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step}
@@ -76,14 +87,14 @@ class Resampling(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Resample before the first batch of each step in ``steps`` (once, also when accumulating)."""
         step = trainer.global_step
-        if step in self.steps and step != self.last_step:
+        if step in self._steps and step != self.last_step:
             assert isinstance(pl_module, SparseAutoencoder)
             self.last_step = step
             self.resample(trainer, pl_module)
 
     def resample(self, trainer: Trainer, model: SparseAutoencoder) -> Tensor:
-        """Resample the tracker's dead features now; returns the indices resampled."""
-        dead = self.tracker.dead_mask()
+        """Resample the dead features now; returns the indices resampled."""
+        dead = model.firing.dead_mask()
         indices = dead.nonzero().flatten()
         if len(indices) == 0:
             return indices
@@ -95,7 +106,7 @@ class Resampling(Callback):
         if len(indices) == 0:
             return indices
         self.reinitialise_(model, trainer.optimizers, indices, inputs.to(model.device), targets.to(model.device), ~dead)
-        self.tracker.revive_(indices)
+        model.firing.revive_(indices)
         model.restart_lr_warmup()
         rank_zero_info(f"Resampling: {len(indices)} dead features resampled at step {trainer.global_step}")
         return indices

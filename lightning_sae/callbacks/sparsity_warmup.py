@@ -16,7 +16,7 @@ class SparsityWarmup(Callback):
 
     Seed 000 (Anthropic, January 2025): "We vary λ_S during training, it is initially 0 and
     linearly increases to its final value over the entire training period", i.e. S = the run's
-    total steps; ``steps`` sets a shorter S. The callback sets each penalty's ``warmup_factor``
+    total steps; ``steps`` sets a shorter S. The callback sets each penalty's ``factor``
     to min(1, s / S) from ``trainer.global_step`` before every batch, so a resumed run continues
     exactly; the model logs λ(s) as ``train/<name>_coefficient``.
     """
@@ -36,16 +36,21 @@ class SparsityWarmup(Callback):
         self._total = 1
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Resolve the penalties by name."""
+        """Resolve the penalties by name; refuse one whose coefficient ``model.target_l0`` controls."""
         assert isinstance(pl_module, SparseAutoencoder)
         by_name = dict(zip(pl_module.penalty_names, pl_module.penalties))
         if self.penalties is None:
             self._warmed = [penalty for penalty in by_name.values() if penalty.sparsity]
-            return
-        unknown = sorted(set(self.penalties) - set(by_name))
-        if unknown:
-            raise UserError(f"SparsityWarmup penalties {unknown} are not in the model's {sorted(by_name)}")
-        self._warmed = [by_name[name] for name in self.penalties]
+        else:
+            unknown = sorted(set(self.penalties) - set(by_name))
+            if unknown:
+                raise UserError(f"SparsityWarmup penalties {unknown} are not in the model's {sorted(by_name)}")
+            self._warmed = [by_name[name] for name in self.penalties]
+        if any(penalty is pl_module.controlled_penalty for penalty in self._warmed):
+            raise UserError(
+                "SparsityWarmup and model.target_l0 both set the sparsity coefficient: remove the callback "
+                "(model.target_l0_warmup is the warmup of a target L0) or unset model.target_l0"
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fix S and apply the factor of the (possibly resumed) current step."""
@@ -61,4 +66,4 @@ class SparsityWarmup(Callback):
 
     def _apply(self, step: int) -> None:
         for penalty in self._warmed:
-            penalty.warmup_factor = self.factor(step)
+            penalty.factor = self.factor(step)

@@ -1,11 +1,13 @@
 """``lightning_sae synth``: a toy-model-of-superposition activation file with known features.
 
-Each row is x = Σ_i a_i·d_i + σ·ε: ``n_features`` unit directions d_i in R^d_in (more features than
-dimensions: superposition), feature i active with probability p_i ∝ (i+1)^(−exponent) (a power
-law, scaled so that ``mean_active`` features fire per row on average), magnitudes a_i ~ U(0, 1)
-when active, and Gaussian noise ε ~ N(0, I/d_in) of scale σ = ``noise``. The directions and
-probabilities are stored in the file's ``ground_truth`` group, so training can report how well
-the SAE recovered them (mean max cosine similarity).
+Each row is x = c + Σ_i a_i·d_i + σ·ε: ``n_features`` unit directions d_i in R^d_in (more
+features than dimensions: superposition), feature i active with probability p_i ∝ (i+1)^(−exponent)
+(a power law, scaled so that ``mean_active`` features fire per row on average; exponent 0: all
+equally frequent), magnitudes a_i ~ U(``min_magnitude``, ``max_magnitude``) when active, Gaussian
+noise ε ~ N(0, I/d_in) of scale σ = ``noise``, and a shared offset c of norm ``offset`` in a random
+direction (real activations have a large mean). The directions, probabilities and offset are
+stored in the file's ``ground_truth`` group, so training can report how well the SAE recovered
+them (mean max cosine similarity).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def synth(
     mean_active: float = 4.0,
     exponent: float = 0.5,
     noise: float = 0.01,
+    min_magnitude: float = 0.0,
+    max_magnitude: float = 1.0,
+    offset: float = 0.0,
     seed: int = 0,
     dtype: str = "float32",
     chunk_rows: int = 4096,
@@ -53,6 +58,9 @@ def synth(
         mean_active: Average number of active features per row.
         exponent: Power-law exponent of the firing probabilities (0: all equally frequent).
         noise: Standard deviation σ of the isotropic noise, relative to a unit feature.
+        min_magnitude: Smallest magnitude of an active feature.
+        max_magnitude: Largest magnitude of an active feature.
+        offset: Norm of the offset c added to every row.
         seed: Random seed.
         dtype: Storage dtype, float32 or float16.
         chunk_rows: Rows per HDF5 chunk.
@@ -63,22 +71,34 @@ def synth(
         raise UserError(f"{out} exists; pass --overwrite true to replace it")
     if min(n_rows, d_in, n_features, chunk_rows) < 1:
         raise UserError("n_rows, d_in, n_features and chunk_rows must be positive")
+    if not 0 <= min_magnitude <= max_magnitude or max_magnitude <= 0 or offset < 0 or noise < 0:
+        raise UserError(
+            "magnitudes need 0 <= min_magnitude <= max_magnitude, max_magnitude > 0, and offset and noise >= 0"
+        )
     if dtype not in ("float32", "float16"):
         raise UserError(f"dtype must be float32 or float16, got {dtype!r}")
     rng = np.random.default_rng(seed)
     directions = rng.standard_normal((n_features, d_in))
-    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    directions = (directions / np.linalg.norm(directions, axis=1, keepdims=True)).astype(np.float32)
     probabilities = firing_probabilities(n_features, mean_active, exponent)
+    shift = rng.standard_normal(d_in)
+    shift = (shift * offset / np.linalg.norm(shift)).astype(np.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
-    attrs = {"source": "synthetic", "n_features": n_features, "mean_active": mean_active, "exponent": exponent, "noise": noise, "seed": seed}
+    attrs = {
+        "source": "synthetic", "n_features": n_features, "mean_active": mean_active, "exponent": exponent,
+        "noise": noise, "min_magnitude": min_magnitude, "max_magnitude": max_magnitude, "offset": offset, "seed": seed,
+    }
     with format.create(out, d_in=d_in, dtype=dtype, chunk_rows=chunk_rows, attrs=attrs) as file:
         truth = file.create_group(format.GROUND_TRUTH)
-        truth["features"] = directions.astype(np.float32)
+        truth["features"] = directions
         truth["firing_probabilities"] = probabilities
+        truth["offset"] = shift
         for start in range(0, n_rows, chunk_rows):
             rows = min(chunk_rows, n_rows - start)
-            active = rng.random((rows, n_features)) < probabilities
-            magnitudes = rng.random((rows, n_features)) * active
-            x = magnitudes @ directions + noise * rng.standard_normal((rows, d_in)) / np.sqrt(d_in)
+            active = rng.random((rows, n_features), dtype=np.float32) < probabilities
+            magnitudes = np.zeros((rows, n_features), dtype=np.float32)
+            magnitudes[active] = rng.uniform(min_magnitude, max_magnitude, int(active.sum()))
+            noise_rows = rng.standard_normal((rows, d_in), dtype=np.float32) * (noise / np.sqrt(d_in))
+            x = magnitudes @ directions + shift + noise_rows
             format.append(file, x.astype(dtype))
     return out

@@ -1,0 +1,137 @@
+"""The SAEs the quality benchmarks compare, each trained on the same rows of one activation file.
+
+Every contender sees the training stream of ``lightning_sae fit`` (the file's rows shuffled by
+``ActivationDataModule``, its last ``val_rows`` rows held out) for the same budget of rows, and
+comes back as a :class:`~lightning_sae.model.SparseAutoencoder` on raw activations, so one
+scorer (and ``lightning_sae evaluate``) treats all alike:
+
+- a shipped recipe: ``lightning_sae fit --config configs/X.yaml`` at its defaults, with only its
+  sparsity set to the asked L0 (:func:`lightning_sae.recipes.sparsity_arguments`), read back
+  from its export;
+- the plain PyTorch TopK loop of ``plain_topk.py``;
+- SAELens' own ``SAETrainer`` with its TopK SAE, or its JumpReLU SAE in the quadratic-L0 mode
+  (target_l0 = the asked L0), when ``sae_lens`` is importable (the ``[compat]`` extra); its
+  activation normalisation is on (the scaling our recipes use) and its learning rate is Gao et
+  al.'s rule, 2e-4·(2^14/m)^½; read back from its ``save_inference_model`` files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from plain_topk import train_plain_topk
+from torch import Tensor
+
+from lightning_sae.cli import main as lightning_sae
+from lightning_sae.data.datamodule import ActivationDataModule
+from lightning_sae.encoders import TopK
+from lightning_sae.export import load_export
+from lightning_sae.model import SparseAutoencoder
+from lightning_sae.recipes import sparsity_arguments
+
+PLAIN_TOPK = "plain TopK"
+
+
+@dataclass
+class Trained:
+    """One contender after training."""
+
+    name: str
+    model: SparseAutoencoder
+    seconds: float
+    """Wall time of the training (data loading included)."""
+    train_rows: int
+
+
+def training_batches(path: Path, batch_size: int, val_rows: int) -> Iterator[Tensor]:
+    """The shuffled training stream of ``lightning_sae fit`` on ``path``, epoch after epoch, as float32."""
+    data = ActivationDataModule(str(path), batch_size=batch_size, val_rows=val_rows)
+    data.setup("fit")
+    epoch = 0
+    while True:
+        data.train_stream.seek(epoch, 0)
+        for x, _ in data.train_stream:
+            yield x.float()
+        epoch += 1
+
+
+def fit_recipe(config: Path, path: Path, d_sae: int, l0: float, train_rows: int, val_rows: int) -> Trained:
+    """``lightning_sae fit`` of ``config`` at its defaults, sparsity ``l0``, for ``train_rows`` rows."""
+    batch_size = yaml.safe_load(config.read_text())["data"]["batch_size"]
+    steps = max(1, train_rows // batch_size)
+    with tempfile.TemporaryDirectory() as logs:
+        args = [
+            "fit", "--config", str(config), "--data.path", str(path), "--data.val_rows", str(val_rows),
+            "--model.d_sae", str(d_sae), "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.enable_checkpointing", "false", "--trainer.logger.init_args.save_dir", logs,
+            "--trainer.logger.init_args.name", "run", "--trainer.logger.init_args.version", "0",
+            *sparsity_arguments(config, l0),
+        ]
+        start = time.perf_counter()
+        lightning_sae(args)
+        seconds = time.perf_counter() - start
+        model = load_export(Path(logs) / "run" / "version_0" / "sae")
+    return Trained(config.stem, model, seconds, steps * batch_size)
+
+
+def fit_plain_topk(
+    path: Path, d_sae: int, l0: float, train_rows: int, val_rows: int, lr: float, batch_size: int = 4096
+) -> Trained:
+    """The plain loop with k = ``l0`` rounded, as a SparseAutoencoder (TopK encoder, x − b_dec encoded)."""
+    steps = max(1, train_rows // batch_size)
+    k = max(1, round(l0))
+    start = time.perf_counter()
+    plain = train_plain_topk(training_batches(path, batch_size, val_rows), d_sae, k=k, steps=steps, lr=lr)
+    seconds = time.perf_counter() - start
+    d_in = plain.W_enc.shape[0]
+    model = SparseAutoencoder(d_in=d_in, d_sae=d_sae, encoder=lambda m: TopK(m, k=k), center_input=True)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(model, name).copy_(getattr(plain, name))
+    return Trained(PLAIN_TOPK, model.eval(), seconds, steps * batch_size)
+
+
+def saelens_available() -> bool:
+    """Whether SAELens (the ``[compat]`` extra) is importable."""
+    return importlib.util.find_spec("sae_lens") is not None
+
+
+def fit_saelens(
+    architecture: str, path: Path, d_sae: int, l0: float, train_rows: int, val_rows: int, batch_size: int = 4096
+) -> Trained:
+    """SAELens' trainer with its ``topk`` SAE (k = ``l0``) or ``jumprelu`` SAE (quadratic L0 loss, target ``l0``)."""
+    from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    batches = training_batches(path, batch_size, val_rows)
+    first = next(batches)
+    common = {"d_in": first.shape[1], "d_sae": d_sae, "normalize_activations": "expected_average_only_in"}
+    sae: Any
+    if architecture == "topk":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=max(1, round(l0)), **common))
+    else:
+        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **common))
+    steps = max(1, train_rows // batch_size)
+    config = SAETrainerConfig(
+        total_training_samples=steps * batch_size,
+        train_batch_size_samples=batch_size,
+        lr=2e-4 * (2**14 / d_sae) ** 0.5,
+        n_batches_for_norm_estimate=16,
+    )
+    start = time.perf_counter()
+    SAETrainer(config, sae, batches).fit()
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as directory:
+        sae.save_inference_model(directory)
+        model = load_export(directory)
+    return Trained(f"SAELens {architecture}", model, seconds, steps * batch_size)

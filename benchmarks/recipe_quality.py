@@ -1,0 +1,237 @@
+"""Do the shipped recipes learn the true features? Every config against a plain loop and SAELens.
+
+Usage::
+
+    .venv/bin/python benchmarks/recipe_quality.py                    # every set, every recipe
+    .venv/bin/python benchmarks/recipe_quality.py --sets toy-offset --recipes topk relu-l1
+
+For each synthetic superposition set below (written once by ``lightning_sae synth`` into
+``--data-dir``), every config in ``configs/`` is trained by ``lightning_sae fit`` at its own
+defaults, with only its sparsity knob set to the set's true L0 (``k`` for TopK encoders,
+``model.target_l0`` for penalty recipes) and the same budget of training rows. Beside them, in
+the same run and on the same rows (the same shuffled training stream, the same held-out tail):
+
+- ``plain TopK``: the forty-line PyTorch loop of ``plain_topk.py`` (k = true L0 rounded), the
+  reference the targets are relative to;
+- ``SAELens TopK`` and ``SAELens JumpReLU`` (its quadratic-L0 mode with target_l0 = true L0),
+  trained by SAELens' own ``SAETrainer`` when ``sae_lens`` is importable (the ``[compat]``
+  extra), with its activation normalisation on and the learning rate of Gao et al.'s rule.
+
+Scores, on the held-out rows: MMCS (mean over true features of the best cosine with a decoder
+row), the share of true features recovered at cosine > 0.9, FVU (residual sum of squares over
+total variance), L0, and the share of features that fire on no held-out row. Targets (issue 8):
+MMCS ≥ 0.95, recovered ≥ 90%, FVU ≤ 1.2× the plain loop's. Results accumulate in
+``--results`` (JSON, one entry per set and method, so sets can be run separately) and the Markdown
+report of every stored result is written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import torch
+from contenders import PLAIN_TOPK, Trained, fit_plain_topk, fit_recipe, fit_saelens, saelens_available
+from machine import machine
+from torch import Tensor
+
+from lightning_sae.callbacks.feature_recovery import RECOVERED_COSINE, max_cosine_similarities
+from lightning_sae.data.format import ACTIVATIONS, GROUND_TRUTH
+from lightning_sae.data.synth import synth
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+VAL_ROWS = 16_384
+PLAIN_LR = 2e-3
+"""Learning rate of the plain loop (raw activations), the one that recovers the toy's features."""
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """A toy model of superposition (see ``lightning_sae synth``) and the budget every method gets."""
+
+    name: str
+    d_in: int
+    n_features: int
+    true_l0: float
+    exponent: float
+    """0: every feature equally frequent; > 0: power-law frequencies."""
+    offset: float
+    """Norm of the shared offset of every row."""
+    train_rows: int
+    """Training rows each method sees (its epochs over the file's rows included)."""
+    d_sae: int
+    file_rows: int = 1_048_576
+
+    def path(self, directory: Path) -> Path:
+        return directory / f"{self.name}.h5"
+
+    def write(self, directory: Path) -> Path:
+        """The set's file, written unless it exists."""
+        path = self.path(directory)
+        if not path.exists():
+            synth(
+                out=path, n_rows=self.file_rows + VAL_ROWS, d_in=self.d_in, n_features=self.n_features,
+                mean_active=self.true_l0, exponent=self.exponent, offset=self.offset, min_magnitude=0.5,
+                max_magnitude=1.5, noise=0.01, dtype="float16" if self.d_in > 128 else "float32", seed=1,
+            )
+        return path
+
+
+SETS = {
+    s.name: s
+    for s in (
+        SyntheticSet("toy-offset", 64, 256, 5, exponent=0.4, offset=2.4, train_rows=12_288_000, d_sae=512),
+        SyntheticSet("toy-uniform", 64, 256, 5, exponent=0.0, offset=0.0, train_rows=12_288_000, d_sae=512),
+        SyntheticSet("wide-sparse", 128, 2048, 3, exponent=0.5, offset=1.0, train_rows=4_096_000, d_sae=4096),
+        SyntheticSet("dense", 256, 1024, 30, exponent=0.0, offset=0.0, train_rows=4_096_000, d_sae=2048),
+        SyntheticSet("wide-input", 512, 2048, 10, exponent=0.5, offset=4.0, train_rows=2_048_000, d_sae=4096),
+    )
+}
+QUICK = {
+    s.name: s
+    for s in (
+        SyntheticSet("quick", 32, 128, 3, exponent=0.4, offset=1.0, train_rows=2_048_000, d_sae=256, file_rows=131_072),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------- scoring
+@dataclass
+class Score:
+    method: str
+    mmcs: float
+    recovered: float
+    fvu: float
+    l0: float
+    dead: float
+    seconds: float
+    train_rows: int
+
+
+def held_out_rows(path: Path) -> tuple[Tensor, Tensor]:
+    """The file's last VAL_ROWS rows (the rows every contender holds out) and its true features."""
+    with h5py.File(path, "r") as file:
+        return torch.from_numpy(file[ACTIVATIONS][-VAL_ROWS:]).float(), torch.from_numpy(file[GROUND_TRUTH]["features"][()])
+
+
+def score(trained: Trained, path: Path) -> Score:
+    """MMCS, recovered share, FVU, L0 and dead share of one trained SAE on the held-out rows."""
+    held_out, truth = held_out_rows(path)
+    model = trained.model
+    with torch.no_grad():
+        features = model.encode(held_out)
+        reconstruction = model(held_out)
+    cosines = max_cosine_similarities(truth, model.W_dec.detach())
+    residual = (held_out - reconstruction).pow(2).sum()
+    variance = (held_out - held_out.mean(0)).pow(2).sum()
+    return Score(
+        method=trained.name,
+        mmcs=cosines.mean().item(),
+        recovered=(cosines > RECOVERED_COSINE).float().mean().item(),
+        fvu=(residual / variance).item(),
+        l0=(features > 0).sum(-1).float().mean().item(),
+        dead=((features > 0).sum(0) == 0).float().mean().item(),
+        seconds=trained.seconds,
+        train_rows=trained.train_rows,
+    )
+
+
+# ---------------------------------------------------------------------------------------- report
+def meets_targets(result: dict[str, Any], reference_fvu: float | None) -> str:
+    """✓ when MMCS ≥ 0.95, recovered ≥ 90% and FVU ≤ 1.2× the plain loop's, else what failed."""
+    failed = []
+    if result["mmcs"] < 0.95:
+        failed.append("MMCS")
+    if result["recovered"] < 0.9:
+        failed.append("recovered")
+    if reference_fvu is not None and result["fvu"] > 1.2 * reference_fvu:
+        failed.append("FVU")
+    return "✓" if not failed else "✗ " + ", ".join(failed)
+
+
+def report(results: dict[str, dict[str, Any]], sets: dict[str, SyntheticSet], command: str) -> str:
+    lines = [
+        "## Recipe quality on synthetic superposition",
+        "",
+        f"Machine: {results.get('_machine', {}).get('machine', machine())}.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "Each set: unit feature directions, magnitudes U(0.5, 1.5), noise 0.01, held-out tail of "
+        f"{VAL_ROWS:,} rows. Every method sees the same training rows in the same order (its batch size "
+        "and the row budget decide its steps). Targets: MMCS ≥ 0.95, recovered ≥ 90%, FVU ≤ 1.2× plain TopK.",
+    ]
+    for name, data in sets.items():
+        entries = [value for key, value in results.items() if key.startswith(f"{name}/")]
+        if not entries:
+            continue
+        reference = next((entry for entry in entries if entry["method"] == PLAIN_TOPK), None)
+        reference_fvu = reference["fvu"] if reference else None
+        lines += [
+            "",
+            f"### {name}: d_in {data.d_in}, {data.n_features} features, true L0 {data.true_l0:g}, "
+            f"{'power-law' if data.exponent else 'uniform'} frequencies, offset {data.offset:g}; d_sae {data.d_sae}",
+            "",
+            "| method | MMCS | recovered | FVU | FVU ÷ plain | L0 | dead | training rows | s | targets |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for entry in sorted(entries, key=lambda entry: (entry["method"] != PLAIN_TOPK, entry["method"])):
+            ratio = f"{entry['fvu'] / reference_fvu:.2f}" if reference_fvu else "—"
+            lines.append(
+                f"| {entry['method']} | {entry['mmcs']:.3f} | {entry['recovered']:.0%} | {entry['fvu']:.3f} | {ratio} | "
+                f"{entry['l0']:.1f} | {entry['dead']:.0%} | {entry['train_rows']:,} | {entry['seconds']:.0f} | "
+                f"{meets_targets(entry, reference_fvu)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", nargs="*", help=f"sets to run (default all: {', '.join(SETS)})")
+    parser.add_argument("--recipes", nargs="*", help="config names to run (default: every configs/*.yaml)")
+    parser.add_argument("--quick", action="store_true", help="one small set: a smoke test of the benchmark")
+    parser.add_argument("--no-saelens", action="store_true", help="skip SAELens even when it is installed")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "bench")
+    parser.add_argument("--results", type=Path, default=None, help="JSON store (default: DATA_DIR/recipe_quality.json)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "recipe_quality.md")
+    args = parser.parse_args()
+    sets = QUICK if args.quick else SETS
+    chosen = {name: sets[name] for name in (args.sets or sets)}
+    configs = [CONFIGS / f"{name}.yaml" for name in args.recipes] if args.recipes else sorted(CONFIGS.glob("*.yaml"))
+    store = args.results or args.data_dir / ("recipe_quality_quick.json" if args.quick else "recipe_quality.json")
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = json.loads(store.read_text()) if store.exists() else {}
+    results["_machine"] = {"machine": machine()}
+    for data in chosen.values():
+        path = data.write(args.data_dir)
+        contenders = [lambda: fit_plain_topk(path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS, lr=PLAIN_LR)]
+        contenders += [
+            lambda config=config: fit_recipe(config, path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS)
+            for config in configs
+        ]
+        if saelens_available() and not args.no_saelens:
+            contenders += [
+                lambda arch=arch: fit_saelens(arch, path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS)
+                for arch in ("topk", "jumprelu")
+            ]
+        for train in contenders:
+            result = score(train(), path)
+            results[f"{data.name}/{result.method}"] = asdict(result)
+            print(f"{data.name:12} {result.method:22} MMCS {result.mmcs:.3f}  recovered {result.recovered:.0%}  "
+                  f"FVU {result.fvu:.3f}  L0 {result.l0:.1f}  dead {result.dead:.0%}  {result.seconds:.0f} s", flush=True)
+            store.write_text(json.dumps(results, indent=1))
+    command = f".venv/bin/python benchmarks/recipe_quality.py {' '.join(sys.argv[1:])}".strip()
+    args.out.write_text(report(results, sets, command))
+    print(f"report: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

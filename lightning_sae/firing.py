@@ -1,0 +1,64 @@
+"""``FiringCounter``: the one record of which features fire on the training rows."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_sae.errors import UserError
+
+
+class FiringCounter(nn.Module):
+    """Per-feature firing state of the training rows, summed over all ranks.
+
+    Feature i fires on a row when f_i > 0. Each training step, :meth:`update` counts the rows of
+    the step's batch on which each feature fired (one ``all_reduce`` under DDP, no host
+    synchronisation) and keeps r_i, the training rows since feature i last fired. Feature i is
+    *dead* when r_i ≥ ``dead_after_tokens`` (Bricken et al. 2023; Gao et al. 2024: 10M tokens).
+
+    Everyone who needs firing state reads it here: the AuxK penalty (through the forward pass's
+    dead mask), the dead-feature tracker (its density windows and logs), resampling (which
+    revives features), and the target-L0 controller (the step's L0).
+    """
+
+    def __init__(self, d_sae: int, dead_after_tokens: int) -> None:
+        """
+        Args:
+            d_sae: Number of features m.
+            dead_after_tokens: Training rows without firing after which a feature counts as dead.
+        """
+        super().__init__()
+        if dead_after_tokens < 1:
+            raise UserError(f"dead_after_tokens must be positive, got {dead_after_tokens}")
+        self.dead_after_tokens = dead_after_tokens
+        self.register_buffer("rows_since_fired", torch.zeros(d_sae, dtype=torch.long))
+        self.register_buffer("step_counts", torch.zeros(d_sae, dtype=torch.long), persistent=False)
+        self.step_rows = 0
+        """Rows of the last training step, all ranks together."""
+
+    @torch.no_grad()
+    def update(self, features: Tensor) -> None:
+        """Count the firings of one training step's features [..., m] (every rank calls it)."""
+        fired = features.reshape(-1, features.shape[-1]) > 0
+        counts = fired.sum(0)
+        world_size = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+            world_size = dist.get_world_size()
+        self.step_counts.copy_(counts)
+        self.step_rows = fired.shape[0] * world_size  # every rank's batch holds the same rows
+        self.rows_since_fired.add_(self.step_rows).masked_fill_(counts > 0, 0)
+
+    def dead_mask(self) -> Tensor:
+        """[m] bool: features that fired on none of the last ``dead_after_tokens`` training rows."""
+        return self.rows_since_fired >= self.dead_after_tokens
+
+    def step_l0(self) -> Tensor:
+        """Mean active features per row over the last training step, a scalar on the device."""
+        return self.step_counts.sum() / max(1, self.step_rows)
+
+    @torch.no_grad()
+    def revive_(self, indices: Tensor) -> None:
+        """Restart the count of rows without firing of ``indices`` (features just resampled)."""
+        self.rows_since_fired[indices] = 0

@@ -446,7 +446,10 @@ def reconstruction_metrics(
     ``relative_reconstruction_bias``, ``l1``, ``dead_fraction``, ``dense_fraction``.
     Update it with ``update(target=..., reconstruction=..., features=...,
     decoder_norms=...)``. ``dead_fraction`` and ``dense_fraction`` share one set of
-    firing counts through the collection's compute groups.
+    firing counts through the collection's compute groups, named here: torchmetrics' automatic
+    grouping would merge every metric whose states happen to be equal after the first update
+    (L0, L1 and cosine similarity are all 0 on a first batch where no feature fires) and then
+    report one value for all of them.
 
     Args:
         d_sae: the number of features m.
@@ -467,4 +470,5 @@ def reconstruction_metrics(
             "dense_fraction": DenseFraction(d_sae, dense_threshold),
         },
         prefix=prefix,
+        compute_groups=[["dead_fraction", "dense_fraction"]],
     )

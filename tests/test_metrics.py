@@ -354,3 +354,17 @@ def _ddp_worker(rank: int, init_file: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_sync_with_two_gloo_processes(tmp_path: Path) -> None:
     spawn(_ddp_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
+
+
+def test_metrics_that_agree_on_a_first_batch_stay_apart() -> None:
+    """A first batch where no feature fires gives L0, L1 and cosine similarity the same (zero)
+    states; they must still be computed separately afterwards."""
+    collection = reconstruction_metrics(4, prefix="")
+    y = torch.randn(8, 3)
+    collection.update(y, torch.zeros(8, 3), torch.zeros(8, 4), decoder_norms=torch.ones(4))
+    features = torch.tensor([[2.0, 0.0, 0.0, 0.0]]).repeat(8, 1)
+    collection.update(y, y, features, decoder_norms=torch.full((4,), 3.0))
+    results = collection.compute()
+    assert results["l0"].item() == pytest.approx(0.5)
+    assert results["l1"].item() == pytest.approx(3.0)
+    assert results["cosine_similarity"].item() == pytest.approx(0.5)

@@ -148,11 +148,19 @@ class ReLU(Encoder):
         """Positively homogeneous: nothing to adjust."""
 
 
+ThresholdUnits = Literal["pre_activation", "effective"]
+
+
 class JumpReLU(Encoder):
     """f = h·H(h − exp(t)) with learned log-thresholds t (seed 000; Rajamanoharan et al. 2024).
 
     Gradients through the discontinuity use the straight-through estimator of
-    :class:`JumpReLUFunction`, selected by ``ste``.
+    :class:`JumpReLUFunction`, selected by ``ste``. With ``threshold_units="effective"`` the jump
+    is taken on the effective activation u = h·‖W_d,i‖ instead (seed 000: "a feature's activation
+    is now f_i‖W_d,i‖"): f = h·H(u − exp(t)), with the STE and its bandwidth in the units of u.
+    Both are the same once the decoder rows have unit norm (after folding), but only the effective
+    form is invariant to trading decoder norm against encoder scale: with the threshold on h,
+    training can shrink ‖W_d,i‖ and grow h until the threshold no longer cuts anything.
     """
 
     saelens_architecture: ClassVar[str | None] = "jumprelu"
@@ -163,6 +171,7 @@ class JumpReLU(Encoder):
         bandwidth: float = 2.0,
         initial_log_threshold: float = 0.1,
         ste: SteVariant = "anthropic",
+        threshold_units: ThresholdUnits = "pre_activation",
     ) -> None:
         """
         Args:
@@ -171,29 +180,45 @@ class JumpReLU(Encoder):
             initial_log_threshold: Initial log-threshold t (seed 000: t=0.1).
             ste: "anthropic": the STE gradient reaches every parameter (seed 000); "paper": only
                 the thresholds (Rajamanoharan et al. 2024).
+            threshold_units: "pre_activation": the jump at h = exp(t), as seed 000 and the paper
+                write it; "effective": at h·‖W_d,i‖ = exp(t).
         """
         super().__init__(d_sae)
         if bandwidth <= 0:
             raise UserError(f"JumpReLU bandwidth must be positive, got {bandwidth}")
         if ste not in ("anthropic", "paper"):
             raise UserError(f"JumpReLU ste must be 'anthropic' or 'paper', got {ste!r}")
+        if threshold_units not in ("pre_activation", "effective"):
+            raise UserError(f"JumpReLU threshold_units must be 'pre_activation' or 'effective', got {threshold_units!r}")
         self.bandwidth = bandwidth
         self.ste = ste
+        self.threshold_units = threshold_units
         self.log_threshold = nn.Parameter(torch.full((d_sae,), float(initial_log_threshold)))
 
-    def forward(self, pre_acts: Tensor, decoder_norms: Tensor) -> Tensor:
-        return JumpReLUFunction.apply(pre_acts, self.log_threshold, self.bandwidth, self.ste)
+    def _gated(self, pre_acts: Tensor, decoder_norms: Tensor) -> tuple[Tensor, Tensor | None]:
+        """What the jump is taken on (h, or u = h·‖W_d‖) and the factor back to h (None: 1)."""
+        if self.threshold_units == "effective":
+            return pre_acts * decoder_norms, decoder_norms
+        return pre_acts, None
 
-    def step(self, pre_acts: Tensor) -> Tensor:
-        """H(h − exp(t)) with this encoder's STE: the differentiable L0 indicator."""
-        return StepFunction.apply(pre_acts, self.log_threshold, self.bandwidth, self.ste)
+    def forward(self, pre_acts: Tensor, decoder_norms: Tensor) -> Tensor:
+        gated, norms = self._gated(pre_acts, decoder_norms)
+        features = JumpReLUFunction.apply(gated, self.log_threshold, self.bandwidth, self.ste)
+        return features if norms is None else features / norms
+
+    def step(self, pre_acts: Tensor, decoder_norms: Tensor) -> Tensor:
+        """H(h − exp(t)) (or H(h·‖W_d‖ − exp(t))) with this encoder's STE: the differentiable L0 indicator."""
+        gated, _ = self._gated(pre_acts, decoder_norms)
+        return StepFunction.apply(gated, self.log_threshold, self.bandwidth, self.ste)
 
     def threshold(self, decoder_norms: Tensor) -> Tensor:
-        return self.log_threshold.exp()
+        threshold = self.log_threshold.exp()
+        return threshold / decoder_norms if self.threshold_units == "effective" else threshold
 
     @torch.no_grad()
     def rescale_(self, pre_act_scale: Tensor, decoder_norm_scale: Tensor) -> None:
-        self.log_threshold.add_(pre_act_scale.log())
+        scale = pre_act_scale * decoder_norm_scale if self.threshold_units == "effective" else pre_act_scale
+        self.log_threshold.add_(scale.log())
 
 
 class TopK(Encoder):

@@ -49,8 +49,8 @@ class SparseAutoencoder(LightningModule):
         penalties: list[Penalty] | None = None,
         lr: float | None = 2e-4,
         betas: tuple[float, float] = (0.9, 0.999),
-        lr_warmup_steps: int = 0,
-        lr_rewarmup_steps: int = 0,
+        lr_warmup_steps: int | float = 0,
+        lr_rewarmup_steps: int | float = 0,
         lr_decay_fraction: float = 0.2,
         input_scale: float = 1.0,
         target_scale: float | None = None,
@@ -71,8 +71,10 @@ class SparseAutoencoder(LightningModule):
             penalties: Loss terms added to the reconstruction loss, each with its coefficient.
             lr: Adam learning rate (seed 000: 2e-4); None: Gao et al. 2024's rule 2e-4·(2^14/m)^½.
             betas: Adam betas (seed 000: 0.9, 0.999; no weight decay).
-            lr_warmup_steps: Cosine warmup from lr/10 at the start (seed 001: 1000; 0: none).
-            lr_rewarmup_steps: Cosine re-warmup from lr/10 after each resampling (seed 001: 1000).
+            lr_warmup_steps: Cosine warmup from lr/10 at the start, in steps, or as a fraction of the run
+                when below 1 (seed 001: 1000; 0: none).
+            lr_rewarmup_steps: Cosine re-warmup from lr/10 after each resampling, in steps or as a
+                fraction of the run (seed 001: 1000).
             lr_decay_fraction: Linear decay to zero over this last fraction of training (seed 000: 0.2).
             input_scale: Multiplier of x making E‖x‖₂ = √d_in (estimated from the data file).
             target_scale: Multiplier of y making E‖y‖₂ = √d_out (None: input_scale).
@@ -83,8 +85,9 @@ class SparseAutoencoder(LightningModule):
             target_l0: Mean active features per row at which to hold the model's sparsity penalty: its
                 coefficient is then found while training (:class:`~lightning_sae.target_l0.L0Controller`),
                 starting from the configured one. None: the coefficient as configured.
-            target_l0_warmup: Fraction of the run over which the L0 target falls from the first step's
-                L0 to ``target_l0`` (seed 000's sparsity warmup, in L0).
+            target_l0_warmup: Fraction of the run over which that coefficient first rises linearly
+                from 0 (seed 000's sparsity warmup), stopping early once the target is reached; the
+                search for it starts afterwards.
             decoder_init_norm: Initial norm of every decoder row, in random directions (Gao et al. 2024: 1);
                 None: seed 000's W_d ~ U(−1/√n, 1/√n).
             encoder_init_scale: W_e = s·W_dᵀ at initialisation when X = Y (Gao et al. 2024: 1); None: seed
@@ -206,7 +209,7 @@ class SparseAutoencoder(LightningModule):
         self.firing.update(out.features)
         if self.l0_controller is not None:
             assert self.controlled_penalty is not None
-            self.controlled_penalty.factor = self.l0_controller.factor()
+            self.controlled_penalty.factor = self.l0_controller.factor(self.global_step, self.total_steps)
         total, terms = self.loss(out)
         if self.l0_controller is not None:
             self.l0_controller.update(self.firing.step_l0(), self.global_step, self.total_steps)
@@ -252,11 +255,19 @@ class SparseAutoencoder(LightningModule):
         schedule = WarmupDecaySchedule(
             optimizer,
             total_steps=self.total_steps,
-            warmup_steps=self.hparams.lr_warmup_steps,
-            rewarmup_steps=self.hparams.lr_rewarmup_steps,
+            warmup_steps=self._steps(self.hparams.lr_warmup_steps),
+            rewarmup_steps=self._steps(self.hparams.lr_rewarmup_steps),
             decay_fraction=self.hparams.lr_decay_fraction,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _steps(self, steps_or_fraction: int | float) -> int:
+        """A step count given as steps, or as a fraction of the run when below 1."""
+        if steps_or_fraction < 0:
+            raise UserError(f"warmup lengths must be >= 0, got {steps_or_fraction}")
+        if steps_or_fraction < 1:
+            return round(steps_or_fraction * self.total_steps)
+        return int(steps_or_fraction)
 
     def learning_rate(self) -> float:
         """The base learning rate: ``lr``, or Gao et al. 2024's 2e-4·(2^14/m)^½ when it is None."""

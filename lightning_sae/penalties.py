@@ -71,7 +71,15 @@ class L1(Penalty):
 
 
 class Tanh(Penalty):
-    """λ_S Σ_i tanh(c·|f_i|·‖W_d,i‖₂) (seed 000)."""
+    """λ_S Σ_i tanh(c·|f_i|·‖W_d,i‖₂) (seed 000).
+
+    Through a :class:`~lightning_sae.encoders.JumpReLU` the same value is computed as
+    Σ_i H(h_i − θ_i)·tanh(c·h_i·‖W_d,i‖), with H taken through the encoder's straight-through
+    estimator, so the gradient at a threshold is the penalty's jump there, tanh(c·θ_i‖W_d,i‖).
+    The chain rule through the JumpReLU's pseudo-derivative would use tanh's slope at f = θ_i
+    instead, ≈ 0 once c·θ_i‖W_d,i‖ ≫ 1, and leave the thresholds without sparsity pressure (on
+    the recipe test's toy: MMCS 0.80 that way, 0.93 this way).
+    """
 
     sparsity: ClassVar[bool] = True
 
@@ -85,6 +93,9 @@ class Tanh(Penalty):
         self.c = c
 
     def forward(self, out: SAEOutput, encoder: Encoder) -> Tensor:
+        if isinstance(encoder, JumpReLU):
+            gate = encoder.step(out.pre_acts, out.decoder_norms)
+            return (gate * torch.tanh(self.c * out.pre_acts.clamp_min(0) * out.decoder_norms)).sum(-1).mean()
         return torch.tanh(self.c * out.features.abs() * out.decoder_norms).sum(-1).mean()
 
 
@@ -110,7 +121,7 @@ class L0(Penalty):
 
     def forward(self, out: SAEOutput, encoder: Encoder) -> Tensor:
         assert isinstance(encoder, JumpReLU)
-        return encoder.step(out.pre_acts).sum(-1).mean()
+        return encoder.step(out.pre_acts, out.decoder_norms).sum(-1).mean()
 
 
 class PreAct(Penalty):

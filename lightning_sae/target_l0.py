@@ -11,27 +11,34 @@ from lightning_sae.errors import UserError
 
 
 class L0Controller(nn.Module):
-    """An integral controller on the log of a sparsity penalty's factor φ (coefficient in force λ·φ).
+    """Holds a sparsity penalty at a target L0 by adapting its coefficient: λ_s = λ·φ_s.
 
-    After every training step s, with L0_s the step's mean active features per row (all ranks
-    together) and T_s the target,
+    With L0_s the mean active features per row of training step s (all ranks together) and T the
+    target:
 
-        log φ ← log φ + ``gain`` · log((L0_s + 1) / (T_s + 1)),
+    - ramp: φ_s = min(1, (s + 1)/W), W = ``warmup_fraction`` of the run's steps (seed 000's linear
+      warmup of the sparsity coefficient from 0), until the ramp reaches 1 or L0_s ≤ T, whichever
+      comes first: a configured λ that is larger than needed is never reached, so it cannot
+      overshoot the target and silence features for good;
+    - search: then an integral controller on log φ,
 
-    so φ grows while the SAE is denser than asked and shrinks while it is sparser; |log φ| stays
-    below ``max_log_factor``, so an unreachable target ends the search instead of running λ·φ to
-    0 or infinity. T_s is ``target``, or during the first ``warmup_fraction`` of the run it falls
-    geometrically (in L0 + 1) from the first step's L0 to ``target``: seed 000's sparsity warmup,
-    expressed in L0. Everything runs on the device (no host synchronisation), identically on every
-    rank; φ starts at 1, so the penalty's configured λ is where the search starts.
+        log φ ← log φ + ``gain`` · log((L0_s + 1) / (T + 1)),
+
+      so φ grows while the SAE is denser than asked and shrinks while it is sparser; |log φ| stays
+      below ``max_log_factor``, so an unreachable target ends the search instead of running λ·φ
+      to 0 or infinity.
+
+    The penalty's configured λ is therefore the most the ramp gives, and where the search starts
+    if the ramp ends without reaching the target. Everything runs on the device (no host
+    synchronisation) and identically on every rank.
     """
 
     def __init__(self, target: float, warmup_fraction: float = 0.0, gain: float = 0.01, max_log_factor: float = 20.0) -> None:
         """
         Args:
             target: Target mean number of active features per row.
-            warmup_fraction: Fraction of the run over which the target falls from the first step's
-                L0 to ``target`` (0: the target holds from the start).
+            warmup_fraction: Fraction W of the run over which the coefficient rises linearly from 0
+                (seed 000), at most; 0: no ramp.
             gain: Change of log φ per step per unit of log((L0 + 1)/(T + 1)).
             max_log_factor: Bound on |log φ|.
         """
@@ -45,24 +52,25 @@ class L0Controller(nn.Module):
         self.gain = gain
         self.max_log_factor = max_log_factor
         self.register_buffer("log_factor", torch.zeros(()))
-        self.register_buffer("start_log_l0", torch.full((), float("nan")))
-        """log(L0 + 1) of the run's first step (NaN until it is taken)."""
+        self.register_buffer("ramping", torch.tensor(warmup_fraction > 0))
 
-    def factor(self) -> Tensor:
-        """φ, the multiplier of the penalty's configured coefficient."""
-        return self.log_factor.exp()
-
-    def log_target(self, step: int, total_steps: int) -> Tensor:
-        """log(T_s + 1): log(target + 1), or during the warmup on the geometric way there."""
-        final = math.log1p(self.target)
+    def ramp(self, step: int, total_steps: int) -> float:
+        """min(1, (s + 1)/W), or 1 without a warmup."""
         warmup_steps = self.warmup_fraction * total_steps
-        remaining = 1 - step / warmup_steps if step < warmup_steps else 0.0
-        return final + remaining * (self.start_log_l0 - final)
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+    def factor(self, step: int, total_steps: int) -> Tensor:
+        """φ at step ``step``: the multiplier of the penalty's configured coefficient."""
+        ramp = torch.full_like(self.log_factor, self.ramp(step, total_steps))
+        return torch.where(self.ramping, ramp, self.log_factor.exp())
 
     @torch.no_grad()
     def update(self, step_l0: Tensor, step: int, total_steps: int) -> None:
-        """Move log φ after training step ``step`` of ``total_steps``, whose mean L0 was ``step_l0``."""
-        log_l0 = torch.log1p(step_l0)
-        self.start_log_l0.copy_(torch.where(self.start_log_l0.isnan(), log_l0, self.start_log_l0))
-        error = log_l0 - self.log_target(step, total_steps)
-        self.log_factor.add_(self.gain * error).clamp_(-self.max_log_factor, self.max_log_factor)
+        """Move φ after training step ``step`` of ``total_steps``, whose mean L0 was ``step_l0``."""
+        error = torch.log1p(step_l0) - math.log1p(self.target)
+        ramp_continues = self.ramping & (error > 0) & (self.ramp(step, total_steps) < 1)
+        ramp = torch.full_like(self.log_factor, math.log(self.ramp(step, total_steps)))
+        self.log_factor.copy_(torch.where(self.ramping, ramp, self.log_factor))
+        step_size = torch.where(ramp_continues, torch.zeros_like(error), self.gain * error)
+        self.log_factor.add_(step_size).clamp_(-self.max_log_factor, self.max_log_factor)
+        self.ramping.copy_(ramp_continues)

@@ -19,6 +19,7 @@ from lightning_sae.data.format import ACTIVATIONS, TARGETS
 from lightning_sae.encoders import Encoder, JumpReLU, ReLU
 from lightning_sae.errors import UserError
 from lightning_sae.model import SparseAutoencoder
+from lightning_sae.penalties import L1
 
 VAL_ROWS = 2048
 
@@ -55,7 +56,7 @@ def test_firing_rates_match_the_target_on_held_out_rows(
     calibration = EncoderBiasCalibration(features_per_row=features_per_row, max_rate=max_rate, sample_rows=4096)
     keep = KeepStart()
     callback_trainer(1, [calibration, keep]).fit(model, data)
-    assert calibration.target_rate(64) == pytest.approx(rate)
+    assert calibration.target_rate(model) == pytest.approx(rate)
     with torch.no_grad():
         rates = (keep.model.encode(held_out_rows(toy_file)) > 0).float().mean(0)
     assert rates.mean().item() == pytest.approx(rate, abs=0.01)
@@ -112,3 +113,21 @@ def test_too_few_rows_for_the_rate_are_refused() -> None:
     model = SparseAutoencoder(d_in=4, d_sae=1000)
     with pytest.raises(UserError, match="sample_rows"):
         EncoderBiasCalibration(features_per_row=1, sample_rows=100).biases(model, torch.randn(100, 4))
+
+
+def test_without_a_count_it_calibrates_to_the_model_target_l0(
+    toy_file: Path, toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer]
+) -> None:
+    data = toy_data(val_rows=VAL_ROWS)
+    model = SparseAutoencoder(d_in=16, d_sae=64, penalties=[L1(0.1)], target_l0=8.0, input_scale=data.input_scale)
+    keep = KeepStart()
+    callback_trainer(1, [EncoderBiasCalibration(features_per_row=None, max_rate=0.5, sample_rows=4096), keep]).fit(
+        model, data
+    )
+    with torch.no_grad():
+        l0 = (keep.model.encode(held_out_rows(toy_file)) > 0).sum(-1).float().mean().item()
+    assert l0 == pytest.approx(8.0, rel=0.15)
+    with pytest.raises(UserError, match="needs model.target_l0"):
+        callback_trainer(1, [EncoderBiasCalibration(features_per_row=None)]).fit(
+            SparseAutoencoder(d_in=16, d_sae=64, input_scale=data.input_scale), toy_data(val_rows=VAL_ROWS)
+        )

@@ -139,3 +139,22 @@ def test_bad_jumprelu_arguments_are_refused() -> None:
         JumpReLU(4, bandwidth=0.0)
     with pytest.raises(UserError, match="ste"):
         JumpReLU(4, ste="other")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ste", ["anthropic", "paper"])
+def test_effective_thresholds_jump_at_h_times_the_decoder_norm(ste: str) -> None:
+    """f = h·H(h‖W_d‖ − θ), and its pseudo-derivatives are the pre-activation form's, taken at u = h‖W_d‖."""
+    torch.manual_seed(0)
+    effective = JumpReLU(6, bandwidth=0.5, initial_log_threshold=0.0, ste=ste, threshold_units="effective")
+    plain = JumpReLU(6, bandwidth=0.5, initial_log_threshold=0.0, ste=ste)
+    h = torch.rand(64, 6) * 3
+    norms = torch.tensor([0.5, 1.0, 2.0, 0.8, 1.5, 3.0])
+    u = (h * norms).requires_grad_(True)
+    h = h.requires_grad_(True)
+    f = effective(h, norms)
+    torch.testing.assert_close(f, h * (h * norms > 1.0))
+    (grad_h,) = torch.autograd.grad(f.sum(), h)
+    (grad_u,) = torch.autograd.grad(plain(u, torch.ones(6)).sum(), u)
+    torch.testing.assert_close(grad_h, grad_u)
+    torch.testing.assert_close(effective.threshold(norms), 1.0 / norms)
+    torch.testing.assert_close(effective.step(h, norms), (h * norms > 1.0).float())

@@ -26,10 +26,13 @@ SOURCE = {"model": "tiny-llama", "layer": 2, "site": "resid_post", "context_leng
 ENCODERS: dict[str, Callable[[int], Encoder]] = {
     "relu": ReLU,
     "jumprelu": functools.partial(JumpReLU, initial_log_threshold=-1.0),
+    "jumprelu-effective": functools.partial(JumpReLU, initial_log_threshold=-1.0, threshold_units="effective"),
     "topk": functools.partial(TopK, k=K),
     "batchtopk": functools.partial(BatchTopK, k=K),
 }
-SAELENS_ARCHITECTURES = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk", "batchtopk": "jumprelu"}
+SAELENS_ARCHITECTURES = {
+    "relu": "standard", "jumprelu": "jumprelu", "jumprelu-effective": "jumprelu", "topk": "topk", "batchtopk": "jumprelu"
+}
 CASES = [(name, None) for name in ENCODERS] + [("relu", D_OUT), ("jumprelu", D_OUT), ("topk", D_OUT)]
 """(encoder, d_out): the four SAEs, then transcoders (d_out ≠ d_in)."""
 
@@ -52,7 +55,7 @@ def trained_like(encoder: str, d_out: int | None) -> SparseAutoencoder:
         model.b_enc.normal_(0, 0.3)
         model.W_dec.mul_(torch.empty(D_SAE, 1).uniform_(0.3, 3.0))
         model.b_dec.normal_(0, 0.5)
-        if encoder == "jumprelu":
+        if encoder.startswith("jumprelu"):
             model.encoder.log_threshold.normal_(-1.0, 0.5)
     if encoder == "batchtopk":
         model.train()
@@ -94,7 +97,8 @@ def test_load_export_reproduces_the_model(encoder: str, d_out: int | None, tmp_p
     assert loaded.input_scale.item() == loaded.target_scale.item() == 1.0
     assert (loaded.d_in, loaded.d_sae, loaded.d_out) == (model.d_in, model.d_sae, model.d_out)
     assert loaded.reconstructs_input == (d_out is None)
-    expected_encoder = {"relu": ReLU, "jumprelu": JumpReLU, "topk": TopK, "batchtopk": JumpReLU}[encoder]
+    expected_encoder = {"relu": ReLU, "jumprelu": JumpReLU, "jumprelu-effective": JumpReLU, "topk": TopK,
+                        "batchtopk": JumpReLU}[encoder]
     assert type(loaded.encoder) is expected_encoder
     assert not loaded.training
     torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)

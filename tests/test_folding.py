@@ -20,6 +20,7 @@ from lightning_sae.penalties import Tanh
 ENCODERS: dict[str, Callable[[int], Encoder]] = {
     "relu": ReLU,
     "jumprelu": lambda d_sae: JumpReLU(d_sae, initial_log_threshold=-1.0),
+    "jumprelu-effective": lambda d_sae: JumpReLU(d_sae, initial_log_threshold=-1.0, threshold_units="effective"),
     "topk": lambda d_sae: TopK(d_sae, k=4),
     "batchtopk": lambda d_sae: BatchTopK(d_sae, k=4),
 }

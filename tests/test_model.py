@@ -132,3 +132,11 @@ def test_state_dicts_of_earlier_versions_load() -> None:
     restored = SparseAutoencoder(d_in=8, d_sae=16, encoder=lambda m: TopK(m, k=2), penalties=[AuxK()])
     restored.load_state_dict(upgrade_state_dict(state))
     assert restored.firing.rows_since_fired.tolist() == list(range(16))
+
+
+def test_warmups_are_steps_or_fractions_of_the_run() -> None:
+    model = SparseAutoencoder(d_in=8, d_sae=16)
+    model.total_steps = 3000
+    assert model._steps(250) == 250 and model._steps(0.1) == 300 and model._steps(0) == 0
+    with pytest.raises(UserError, match=">= 0"):
+        model._steps(-1)

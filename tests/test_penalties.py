@@ -85,6 +85,21 @@ def test_l0_counts_active_features_and_trains_the_threshold(ste: str) -> None:
     torch.testing.assert_close(grad_t, -(kernel.sum(0) * chain) / out.pre_acts.shape[0])
 
 
+def test_tanh_through_a_jumprelu_has_the_same_value_and_the_jump_as_its_threshold_gradient() -> None:
+    """Σ H(h − θ)·tanh(c·h·‖W_d‖): the threshold gradient is −(1/ε)·K·tanh(c·h·‖W_d‖) (the penalty's
+    jump), not −(θ/ε)·K times tanh's slope at f."""
+    encoder = JumpReLU(7, bandwidth=1.0, initial_log_threshold=0.0)
+    out = make_output(encoder=encoder)
+    c = 4.0
+    value = Tanh(coefficient=20.0, c=c)(out, encoder)
+    torch.testing.assert_close(value, torch.tanh(c * out.features * out.decoder_norms).sum(-1).mean())
+    (grad_t,) = torch.autograd.grad(value, encoder.log_threshold, retain_graph=True)
+    h = out.pre_acts.detach()
+    window = ((h - 1.0).abs() < 0.5).float()
+    jump = torch.tanh(c * h.clamp_min(0) * out.decoder_norms.detach())
+    torch.testing.assert_close(grad_t, -(window * jump).sum(0) / h.shape[0])
+
+
 def test_l0_needs_a_jumprelu() -> None:
     with pytest.raises(UserError, match="JumpReLU"):
         L0().bind(4, 8, ReLU(8))

@@ -18,6 +18,7 @@ sae_lens = pytest.importorskip("sae_lens")
 SAELENS_CLASSES = {
     ("relu", False): "StandardSAE",
     ("jumprelu", False): "JumpReLUSAE",
+    ("jumprelu-effective", False): "JumpReLUSAE",
     ("topk", False): "TopKSAE",
     ("batchtopk", False): "JumpReLUSAE",
     ("relu", True): "Transcoder",

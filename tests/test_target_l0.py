@@ -1,4 +1,4 @@
-"""``L0Controller``: the coefficient follows the L0 error, bounded, with a warmup of the target."""
+"""``L0Controller``: a ramp that stops at the target, then a bounded search on log φ."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from lightning_sae.target_l0 import L0Controller
 
 def test_the_factor_grows_while_too_dense_and_shrinks_while_too_sparse() -> None:
     controller = L0Controller(target=4.0, gain=0.1)
+    assert controller.factor(0, 100).item() == 1.0
     controller.update(torch.tensor(9.0), step=0, total_steps=100)
     assert controller.log_factor.item() == pytest.approx(0.1 * math.log(10 / 5))
     controller.update(torch.tensor(4.0), step=1, total_steps=100)
     assert controller.log_factor.item() == pytest.approx(0.1 * math.log(10 / 5)), "no error, no change"
     controller.update(torch.tensor(1.0), step=2, total_steps=100)
-    assert controller.factor().item() == pytest.approx(math.exp(0.1 * (math.log(2) + math.log(2 / 5))))
+    assert controller.factor(3, 100).item() == pytest.approx(math.exp(0.1 * (math.log(2) + math.log(2 / 5))))
 
 
 def test_the_factor_stays_bounded() -> None:
@@ -28,22 +29,32 @@ def test_the_factor_stays_bounded() -> None:
     assert controller.log_factor.item() == pytest.approx(3.0)
 
 
-def test_the_warmup_target_falls_geometrically_from_the_first_step_l0() -> None:
-    controller = L0Controller(target=3.0, warmup_fraction=0.5)
-    controller.update(torch.tensor(63.0), step=0, total_steps=100)
-    assert controller.start_log_l0.item() == pytest.approx(math.log(64))
-    assert controller.log_target(0, 100).item() == pytest.approx(math.log(64))
-    assert controller.log_target(25, 100).item() == pytest.approx((math.log(64) + math.log(4)) / 2)
-    assert controller.log_target(50, 100) == pytest.approx(math.log(4))
-    assert controller.log_target(90, 100) == pytest.approx(math.log(4))
+def test_the_ramp_rises_linearly_while_too_dense_and_hands_over_at_its_end() -> None:
+    controller = L0Controller(target=3.0, warmup_fraction=0.1, gain=0.1)
+    for step in range(10):
+        assert controller.factor(step, 100).item() == pytest.approx((step + 1) / 10)
+        controller.update(torch.tensor(20.0), step=step, total_steps=100)
+    assert not controller.ramping
+    assert controller.factor(10, 100).item() == pytest.approx(math.exp(0.1 * math.log(21 / 4)))
+
+
+def test_the_ramp_stops_where_the_target_is_reached() -> None:
+    controller = L0Controller(target=3.0, warmup_fraction=0.5, gain=0.1)
+    controller.update(torch.tensor(20.0), step=0, total_steps=100)
+    controller.update(torch.tensor(20.0), step=1, total_steps=100)
+    controller.update(torch.tensor(2.0), step=2, total_steps=100)  # sparse enough at φ = 3/50
+    assert not controller.ramping
+    expected = math.log(3 / 50) + 0.1 * math.log(3 / 4)
+    assert controller.log_factor.item() == pytest.approx(expected)
+    assert controller.factor(40, 100).item() == pytest.approx(math.exp(expected)), "the ramp does not resume"
 
 
 def test_state_is_saved_with_the_model() -> None:
-    controller = L0Controller(target=2.0)
-    controller.update(torch.tensor(7.0), step=0, total_steps=10)
-    restored = L0Controller(target=2.0)
+    controller = L0Controller(target=2.0, warmup_fraction=0.5)
+    controller.update(torch.tensor(1.0), step=0, total_steps=10)
+    restored = L0Controller(target=2.0, warmup_fraction=0.5)
     restored.load_state_dict(controller.state_dict())
-    assert restored.log_factor == controller.log_factor and restored.start_log_l0 == controller.start_log_l0
+    assert restored.log_factor == controller.log_factor and not restored.ramping
 
 
 def test_bad_targets_are_refused() -> None:

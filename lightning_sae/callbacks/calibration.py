@@ -21,7 +21,8 @@ class EncoderBiasCalibration(Callback):
     Seed 000 (Anthropic, January 2025): "We initialize b_e by examining a subset of the data and
     picking a constant per feature such that each feature activates 10000/m of the time."
     Here r = min(``max_rate``, ``features_per_row`` / m), capped because 10000/m exceeds any
-    sensible rate for small m; q_i is the (1 − r)-quantile of x·W_enc[:, i] over ``sample_rows``
+    sensible rate for small m (``features_per_row`` None: the model's ``target_l0``, so the SAE
+    starts at the L0 it is asked for); q_i is the (1 − r)-quantile of x·W_enc[:, i] over ``sample_rows``
     training rows (scaled by input_scale), taken midway between the ⌊rN⌉-th and (⌊rN⌉+1)-th
     largest values; θ_i is the encoder's threshold (exp(t_i) for JumpReLU, 0 for ReLU).
 
@@ -30,16 +31,17 @@ class EncoderBiasCalibration(Callback):
     """
 
     def __init__(
-        self, features_per_row: float = 10_000, max_rate: float = 0.1, sample_rows: int = 65_536, seed: int = 0
+        self, features_per_row: float | None = 10_000, max_rate: float = 0.1, sample_rows: int = 65_536, seed: int = 0
     ) -> None:
         """
         Args:
-            features_per_row: Features firing per row on average after calibration (seed 000: 10,000).
+            features_per_row: Features firing per row on average after calibration (seed 000: 10,000);
+                None: the model's target_l0.
             max_rate: Cap on the firing rate r (features_per_row/m exceeds any sensible rate when m is small).
             sample_rows: Training rows examined (a random subset of the training data).
             seed: Seed of the choice of rows.
         """
-        if features_per_row <= 0:
+        if features_per_row is not None and features_per_row <= 0:
             raise UserError(f"EncoderBiasCalibration features_per_row must be positive, got {features_per_row}")
         if not 0 < max_rate < 1:
             raise UserError(f"EncoderBiasCalibration max_rate must be in (0, 1), got {max_rate}")
@@ -50,9 +52,19 @@ class EncoderBiasCalibration(Callback):
         self.sample_rows = sample_rows
         self.seed = seed
 
-    def target_rate(self, d_sae: int) -> float:
+    def target_rate(self, model: SparseAutoencoder) -> float:
         """r = min(max_rate, features_per_row / m)."""
-        return min(self.max_rate, self.features_per_row / d_sae)
+        per_row = self.features_per_row
+        if per_row is None:
+            if model.l0_controller is None:
+                raise UserError("EncoderBiasCalibration features_per_row is null, so it needs model.target_l0")
+            per_row = model.l0_controller.target
+        return min(self.max_rate, per_row / model.d_sae)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Check, on every rank and before training, that the firing rate is defined."""
+        assert isinstance(pl_module, SparseAutoencoder)
+        self.target_rate(pl_module)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.ckpt_path is not None:
@@ -62,7 +74,7 @@ class EncoderBiasCalibration(Callback):
         if trainer.is_global_zero:
             rows = [x for x, _ in ActivationDataModule.of(trainer).sample_batches(self.sample_rows, self.seed)]
             biases = self.biases(pl_module, torch.cat(rows).to(pl_module.device)).cpu()
-            rate = self.target_rate(pl_module.d_sae)
+            rate = self.target_rate(pl_module)
             rank_zero_info(f"EncoderBiasCalibration: b_enc set for a firing rate of {rate:.4g} per feature")
         biases = trainer.strategy.broadcast(biases, src=0)
         with torch.no_grad():
@@ -72,7 +84,7 @@ class EncoderBiasCalibration(Callback):
     def biases(self, model: SparseAutoencoder, x: Tensor) -> Tensor:
         """[m] encoder biases making each feature fire on a fraction r of the raw rows ``x``."""
         n_rows = x.shape[0]
-        rate = self.target_rate(model.d_sae)
+        rate = self.target_rate(model)
         rank = round(rate * n_rows)
         if not 1 <= rank < n_rows:
             raise UserError(

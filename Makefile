@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 CONFIG ?= configs/quickstart.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install quickstart test test-slow tensorboard smollm2-data benchmark sweep clean
+.PHONY: help install quickstart test tensorboard smollm2-data benchmark recipe-quality sweep clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -20,10 +20,10 @@ $(BIN)/lightning_sae: pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch $(TORCH_PIP_ARGS); \
 	  else $(BIN)/pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS); fi
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,compat]"
 	touch $@
 
-install: $(BIN)/lightning_sae ## Create .venv and install lightning_sae with its test tools
+install: $(BIN)/lightning_sae ## Create .venv and install lightning_sae with its test tools and SAELens
 
 data/toy.h5: | $(BIN)/lightning_sae
 	$(BIN)/lightning_sae synth --out data/toy.h5
@@ -34,9 +34,6 @@ quickstart: $(BIN)/lightning_sae data/toy.h5 ## Train the quickstart SAE on synt
 test: $(BIN)/lightning_sae ## Run the test suite (CPU, a few minutes)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(BIN)/lightning_sae ## Run the tests marked slow
-	$(BIN)/python -m pytest -q -m slow
-
 tensorboard: $(BIN)/lightning_sae ## Watch the runs under logs/
 	$(BIN)/tensorboard --logdir logs
 
@@ -45,6 +42,9 @@ smollm2-data: $(BIN)/lightning_sae ## Cache SmolLM2-135M layer-6 activations of 
 
 benchmark: $(BIN)/lightning_sae ## Measure data throughput; writes docs/benchmarks.md
 	$(BIN)/python benchmarks/data_throughput.py
+
+recipe-quality: $(BIN)/lightning_sae ## Every recipe vs a plain loop and SAELens on synthetic sets (hours on 2 cores; ARGS="--sets toy-offset" for one); writes docs/recipe_quality.md
+	cd benchmarks && ../$(BIN)/python recipe_quality.py $(ARGS)
 
 sweep: $(BIN)/lightning_sae data/toy.h5 ## Fit CONFIG once per VALUES of PARAM, e.g. make sweep PARAM=model.d_sae VALUES="256 512"
 	@test -n "$(PARAM)" -a -n "$(VALUES)" || { echo "usage: make sweep CONFIG=... PARAM=model.x VALUES=\"a b\""; exit 2; }

@@ -12,7 +12,7 @@ scorer (and ``lightning_sae evaluate``) treats all alike:
 - SAELens' own ``SAETrainer`` with its TopK SAE, or its JumpReLU SAE in the quadratic-L0 mode
   (target_l0 = the asked L0), when ``sae_lens`` is importable (the ``[compat]`` extra); its
   activation normalisation is on (the scaling our recipes use) and its learning rate is Gao et
-  al.'s rule, 2e-4·(2^14/m)^½; read back from its ``save_inference_model`` files.
+  al.'s rule, 2e-4·(2^14/m)^½, unless given; read back from its ``save_inference_model`` files.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import importlib.util
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class Trained:
     seconds: float
     """Wall time of the training (data loading included)."""
     train_rows: int
+    coefficients: dict[str, float] = field(default_factory=dict)
+    """A recipe's penalty coefficients in force at the end (``train/<penalty>_coefficient``)."""
 
 
 def training_batches(path: Path, batch_size: int, val_rows: int) -> Iterator[Tensor]:
@@ -63,14 +65,18 @@ def training_batches(path: Path, batch_size: int, val_rows: int) -> Iterator[Ten
         epoch += 1
 
 
-def fit_recipe(config: Path, path: Path, d_sae: int, l0: float, train_rows: int, val_rows: int) -> Trained:
-    """``lightning_sae fit`` of ``config`` at its defaults, sparsity ``l0``, for ``train_rows`` rows."""
-    batch_size = yaml.safe_load(config.read_text())["data"]["batch_size"]
+def fit_recipe(
+    config: Path, path: Path, d_sae: int, l0: float, train_rows: int, val_rows: int, batch_size: int | None = None
+) -> Trained:
+    """``lightning_sae fit`` of ``config`` at its defaults, sparsity ``l0``, for ``train_rows`` rows
+    (in batches of the config's size, or of ``batch_size``)."""
+    batch_size = batch_size or yaml.safe_load(config.read_text())["data"]["batch_size"]
     steps = max(1, train_rows // batch_size)
     with tempfile.TemporaryDirectory() as logs:
         args = [
             "fit", "--config", str(config), "--data.path", str(path), "--data.val_rows", str(val_rows),
-            "--model.d_sae", str(d_sae), "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+            "--data.batch_size", str(batch_size), "--model.d_sae", str(d_sae), "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", str(steps),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.enable_checkpointing", "false", "--trainer.logger.init_args.save_dir", logs,
             "--trainer.logger.init_args.name", "run", "--trainer.logger.init_args.version", "0",
@@ -79,8 +85,19 @@ def fit_recipe(config: Path, path: Path, d_sae: int, l0: float, train_rows: int,
         start = time.perf_counter()
         lightning_sae(args)
         seconds = time.perf_counter() - start
-        model = load_export(Path(logs) / "run" / "version_0" / "sae")
-    return Trained(config.stem, model, seconds, steps * batch_size)
+        run = Path(logs) / "run" / "version_0"
+        model = load_export(run / "sae")
+        coefficients = final_coefficients(run)
+    return Trained(config.stem, model, seconds, steps * batch_size, coefficients)
+
+
+def final_coefficients(run: Path) -> dict[str, float]:
+    """The last logged ``train/<penalty>_coefficient`` of each penalty of a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run)).Reload()
+    tags = [tag for tag in events.Tags()["scalars"] if tag.startswith("train/") and tag.endswith("_coefficient")]
+    return {tag.removeprefix("train/").removesuffix("_coefficient"): events.Scalars(tag)[-1].value for tag in tags}
 
 
 def fit_plain_topk(
@@ -106,9 +123,17 @@ def saelens_available() -> bool:
 
 
 def fit_saelens(
-    architecture: str, path: Path, d_sae: int, l0: float, train_rows: int, val_rows: int, batch_size: int = 4096
+    architecture: str,
+    path: Path,
+    d_sae: int,
+    l0: float,
+    train_rows: int,
+    val_rows: int,
+    batch_size: int = 4096,
+    lr: float | None = None,
 ) -> Trained:
-    """SAELens' trainer with its ``topk`` SAE (k = ``l0``) or ``jumprelu`` SAE (quadratic L0 loss, target ``l0``)."""
+    """SAELens' trainer with its ``topk`` SAE (k = ``l0``) or ``jumprelu`` SAE (quadratic L0 loss, target
+    ``l0``), at ``lr`` (default: Gao et al.'s rule)."""
     from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -122,10 +147,12 @@ def fit_saelens(
     else:
         sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **common))
     steps = max(1, train_rows // batch_size)
+    lr = lr or 2e-4 * (2**14 / d_sae) ** 0.5
     config = SAETrainerConfig(
         total_training_samples=steps * batch_size,
         train_batch_size_samples=batch_size,
-        lr=2e-4 * (2**14 / d_sae) ** 0.5,
+        lr=lr,
+        lr_end=lr,
         n_batches_for_norm_estimate=16,
     )
     start = time.perf_counter()

@@ -90,13 +90,15 @@ SETS = {
         SyntheticSet("toy-uniform", 64, 256, 5, exponent=0.0, offset=0.0, train_rows=12_288_000, d_sae=512),
         SyntheticSet("wide-sparse", 128, 2048, 3, exponent=0.5, offset=1.0, train_rows=4_096_000, d_sae=4096),
         SyntheticSet("dense", 256, 1024, 30, exponent=0.0, offset=0.0, train_rows=4_096_000, d_sae=2048),
-        SyntheticSet("wide-input", 512, 2048, 10, exponent=0.5, offset=4.0, train_rows=2_048_000, d_sae=4096),
+        SyntheticSet("wide-input", 512, 2048, 10, exponent=0.5, offset=4.0, train_rows=2_048_000, d_sae=3072),
     )
 }
+"""From d_in 64 to 512, 4 to 16 features per dimension, true L0 3 to 30, with and without an offset,
+power-law and uniform frequencies; row budgets sized for a 2-core CPU (the larger sets get fewer)."""
 QUICK = {
     s.name: s
     for s in (
-        SyntheticSet("quick", 32, 128, 3, exponent=0.4, offset=1.0, train_rows=2_048_000, d_sae=256, file_rows=131_072),
+        SyntheticSet("quick", 32, 128, 3, exponent=0.4, offset=1.0, train_rows=4_096_000, d_sae=256, file_rows=131_072),
     )
 }
 
@@ -112,6 +114,7 @@ class Score:
     dead: float
     seconds: float
     train_rows: int
+    coefficients: dict[str, float]
 
 
 def held_out_rows(path: Path) -> tuple[Tensor, Tensor]:
@@ -139,6 +142,7 @@ def score(trained: Trained, path: Path) -> Score:
         dead=((features > 0).sum(0) == 0).float().mean().item(),
         seconds=trained.seconds,
         train_rows=trained.train_rows,
+        coefficients=trained.coefficients,
     )
 
 
@@ -180,15 +184,16 @@ def report(results: dict[str, dict[str, Any]], sets: dict[str, SyntheticSet], co
             f"### {name}: d_in {data.d_in}, {data.n_features} features, true L0 {data.true_l0:g}, "
             f"{'power-law' if data.exponent else 'uniform'} frequencies, offset {data.offset:g}; d_sae {data.d_sae}",
             "",
-            "| method | MMCS | recovered | FVU | FVU ÷ plain | L0 | dead | training rows | s | targets |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| method | MMCS | recovered | FVU | FVU ÷ plain | L0 | dead | final λ | training rows | s | targets |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
         ]
         for entry in sorted(entries, key=lambda entry: (entry["method"] != PLAIN_TOPK, entry["method"])):
             ratio = f"{entry['fvu'] / reference_fvu:.2f}" if reference_fvu else "—"
+            coefficients = ", ".join(f"{name} {value:.3g}" for name, value in entry.get("coefficients", {}).items())
             lines.append(
                 f"| {entry['method']} | {entry['mmcs']:.3f} | {entry['recovered']:.0%} | {entry['fvu']:.3f} | {ratio} | "
-                f"{entry['l0']:.1f} | {entry['dead']:.0%} | {entry['train_rows']:,} | {entry['seconds']:.0f} | "
-                f"{meets_targets(entry, reference_fvu)} |"
+                f"{entry['l0']:.1f} | {entry['dead']:.0%} | {coefficients or '—'} | {entry['train_rows']:,} | "
+                f"{entry['seconds']:.0f} | {meets_targets(entry, reference_fvu)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -201,12 +206,13 @@ def main() -> None:
     parser.add_argument("--no-saelens", action="store_true", help="skip SAELens even when it is installed")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "bench")
     parser.add_argument("--results", type=Path, default=None, help="JSON store (default: DATA_DIR/recipe_quality.json)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "recipe_quality.md")
+    parser.add_argument("--out", type=Path, help="report (default docs/recipe_quality.md; with --quick, DATA_DIR/)")
     args = parser.parse_args()
     sets = QUICK if args.quick else SETS
     chosen = {name: sets[name] for name in (args.sets or sets)}
     configs = [CONFIGS / f"{name}.yaml" for name in args.recipes] if args.recipes else sorted(CONFIGS.glob("*.yaml"))
     store = args.results or args.data_dir / ("recipe_quality_quick.json" if args.quick else "recipe_quality.json")
+    out = args.out or (args.data_dir / "recipe_quality_quick.md" if args.quick else ROOT / "docs" / "recipe_quality.md")
     args.data_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = json.loads(store.read_text()) if store.exists() else {}
     results["_machine"] = {"machine": machine()}
@@ -229,8 +235,8 @@ def main() -> None:
                   f"FVU {result.fvu:.3f}  L0 {result.l0:.1f}  dead {result.dead:.0%}  {result.seconds:.0f} s", flush=True)
             store.write_text(json.dumps(results, indent=1))
     command = f".venv/bin/python benchmarks/recipe_quality.py {' '.join(sys.argv[1:])}".strip()
-    args.out.write_text(report(results, sets, command))
-    print(f"report: {args.out}")
+    out.write_text(report(results, sets, command))
+    print(f"report: {out}")
 
 
 if __name__ == "__main__":

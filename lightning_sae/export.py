@@ -156,8 +156,10 @@ def load_export(directory: str | Path) -> SparseAutoencoder:
     activation units, for further training.
 
     SAELens files with ``apply_b_dec_to_input`` (h = (x − b_dec)·W_enc + b_enc) are folded to
-    b_enc' = b_enc − b_dec·W_enc; run-time activation normalisation and TopK's
-    ``rescale_acts_by_decoder_norm`` are not supported.
+    b_enc' = b_enc − b_dec·W_enc. A SAELens TopK with ``rescale_acts_by_decoder_norm`` ranks
+    h_i·‖W_d,i‖ and outputs that product, which is this TopK after folding its decoder norms (done
+    here); without it SAELens ranks h itself, the same only when every decoder row has unit norm
+    (refused otherwise). Run-time activation normalisation is not supported.
     """
     directory = Path(directory)
     config = read_export_config(directory)
@@ -171,8 +173,7 @@ def load_export(directory: str | Path) -> SparseAutoencoder:
         )
     if config.get("normalize_activations", "none") != "none":
         raise UserError(f"{directory}: normalize_activations={config['normalize_activations']!r} is not supported")
-    if base == "topk" and config.get("rescale_acts_by_decoder_norm", False):
-        raise UserError(f"{directory}: rescale_acts_by_decoder_norm=true is not supported")
+    rescaled = base == "topk" and bool(config.get("rescale_acts_by_decoder_norm", False))
     names = ("W_enc", "b_enc", "W_dec", "b_dec", *(("threshold",) if base == "jumprelu" else ()))
     weights = _read_weights(directory / WEIGHTS_FILE, names)
     d_in, d_sae = weights["W_enc"].shape
@@ -180,6 +181,12 @@ def load_export(directory: str | Path) -> SparseAutoencoder:
     _check_shapes(directory, weights, config, is_transcoder)
     if base == "jumprelu" and bool((weights["threshold"] < 0).any()):
         raise UserError(f"{directory}: negative JumpReLU thresholds are not supported")
+    norms = weights["W_dec"].norm(dim=1)
+    if base == "topk" and not rescaled and not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+        raise UserError(
+            f"{directory}: this TopK ranks h without its decoder norms (rescale_acts_by_decoder_norm=false) and its "
+            "decoder rows are not unit-norm; lightning_sae's TopK ranks h·‖W_d‖, so it would select other features"
+        )
     model = SparseAutoencoder(
         d_in=d_in,
         d_sae=d_sae,
@@ -193,6 +200,8 @@ def load_export(directory: str | Path) -> SparseAutoencoder:
             getattr(model, name).copy_(weights[name])
         if base == "jumprelu":
             model.encoder.log_threshold.copy_(weights["threshold"].log())
+    if rescaled:
+        model.fold_decoder_norms_()
     return model.eval()
 
 

@@ -439,12 +439,13 @@ def reconstruction_metrics(
     prefix: str,
     d_target: int | None = None,
     dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
+    densities: bool = True,
 ) -> MetricCollection:
     """All scalar SAE metrics in one ``MetricCollection``, keys prefixed by ``prefix``.
 
     Keys (after the prefix): ``l0``, ``mse``, ``fvu``, ``cosine_similarity``,
-    ``relative_reconstruction_bias``, ``l1``, ``dead_fraction``, ``dense_fraction``.
-    Update it with ``update(target=..., reconstruction=..., features=...,
+    ``relative_reconstruction_bias``, ``l1``, and with ``densities`` ``dead_fraction`` and
+    ``dense_fraction``. Update it with ``update(target=..., reconstruction=..., features=...,
     decoder_norms=...)``. ``dead_fraction`` and ``dense_fraction`` share one set of
     firing counts through the collection's compute groups, named here: torchmetrics' automatic
     grouping would merge every metric whose states happen to be equal after the first update
@@ -457,18 +458,19 @@ def reconstruction_metrics(
         d_target: the target dimension d; pass it under DDP so the FVU states have their
             final shape before any update (see ``FractionOfVarianceUnexplained``).
         dense_threshold: see ``DenseFraction``.
+        densities: include the dead and dense fractions (which need many rows to mean anything:
+            training logs them from the model's firing counter instead).
     """
-    return MetricCollection(
-        {
-            "l0": L0(),
-            "mse": MSE(),
-            "fvu": FractionOfVarianceUnexplained(d_target),
-            "cosine_similarity": CosineSimilarity(),
-            "relative_reconstruction_bias": RelativeReconstructionBias(),
-            "l1": L1(),
-            "dead_fraction": DeadFraction(d_sae),
-            "dense_fraction": DenseFraction(d_sae, dense_threshold),
-        },
-        prefix=prefix,
-        compute_groups=[["dead_fraction", "dense_fraction"]],
-    )
+    metrics: dict[str, Metric] = {
+        "l0": L0(),
+        "mse": MSE(),
+        "fvu": FractionOfVarianceUnexplained(d_target),
+        "cosine_similarity": CosineSimilarity(),
+        "relative_reconstruction_bias": RelativeReconstructionBias(),
+        "l1": L1(),
+    }
+    if densities:
+        metrics["dead_fraction"] = DeadFraction(d_sae)
+        metrics["dense_fraction"] = DenseFraction(d_sae, dense_threshold)
+    groups = [["dead_fraction", "dense_fraction"]] if densities else False
+    return MetricCollection(metrics, prefix=prefix, compute_groups=groups)

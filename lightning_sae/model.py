@@ -114,25 +114,31 @@ class SparseAutoencoder(LightningModule):
         for penalty in self.penalties:
             penalty.bind(d_in, d_sae, self.encoder)
         self.l0_controller = None if target_l0 is None else L0Controller(target_l0, target_l0_warmup)
-        self.controlled_penalty = None if target_l0 is None else self._sparsity_penalty()
+        self._controlled = None if target_l0 is None else self._sparsity_penalty_index()
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, self.d_out))
         self.b_dec = nn.Parameter(torch.zeros(self.d_out))
         self.register_buffer("input_scale", torch.tensor(float(input_scale)))
         self.register_buffer("target_scale", torch.tensor(float(target_scale or input_scale)))
-        self.val_metrics = reconstruction_metrics(d_sae, prefix="val/")
+        self.val_metrics = reconstruction_metrics(d_sae, prefix="val/", d_target=self.d_out)
+        self.train_metrics = reconstruction_metrics(d_sae, prefix="train/", d_target=self.d_out, densities=False)
         self.validated_step = -1
         """The optimizer step of the last completed validation pass (−1: none yet)."""
         self.reset_parameters()
 
-    def _sparsity_penalty(self) -> Penalty:
-        """The one penalty with ``sparsity`` set, which ``target_l0`` controls."""
-        sparsity = [penalty for penalty in self.penalties if penalty.sparsity]
+    def _sparsity_penalty_index(self) -> int:
+        """Index of the one penalty with ``sparsity`` set, which ``target_l0`` controls."""
+        sparsity = [index for index, penalty in enumerate(self.penalties) if penalty.sparsity]
         if len(sparsity) != 1:
-            names = [name for name, penalty in zip(self.penalty_names, self.penalties) if penalty.sparsity]
+            names = [self.penalty_names[index] for index in sparsity]
             raise UserError(f"target_l0 needs exactly one sparsity penalty (L1, Tanh, L0), the model has {names}")
         return sparsity[0]
+
+    @property
+    def controlled_penalty(self) -> Penalty | None:
+        """The penalty whose coefficient ``target_l0`` controls (None without a target)."""
+        return None if self._controlled is None else self.penalties[self._controlled]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -208,8 +214,7 @@ class SparseAutoencoder(LightningModule):
         out = self.forward_pass(*batch)
         self.firing.update(out.features)
         if self.l0_controller is not None:
-            assert self.controlled_penalty is not None
-            self.controlled_penalty.factor = self.l0_controller.factor(self.global_step, self.total_steps)
+            self.penalties[self._controlled].factor = self.l0_controller.factor(self.global_step, self.total_steps)
         total, terms = self.loss(out)
         if self.l0_controller is not None:
             self.l0_controller.update(self.firing.step_l0(), self.global_step, self.total_steps)
@@ -217,7 +222,9 @@ class SparseAutoencoder(LightningModule):
         if self.logs_this_step():
             logs = {f"train/{name}": value.detach() for name, value in terms.items()}
             logs["train/loss"] = total.detach()
-            logs["train/l0"] = (out.features > 0).sum(-1).float().mean()
+            with torch.no_grad():  # this batch's values, no cross-rank sync (forward, not compute)
+                logs.update(self.train_metrics(out.target, out.reconstruction, out.features, decoder_norms=out.decoder_norms))
+                self.train_metrics.reset()
             logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
             for name, penalty in zip(self.penalty_names, self.penalties):
                 logs[f"train/{name}_coefficient"] = penalty.current_coefficient
@@ -360,6 +367,7 @@ class SparseAutoencoder(LightningModule):
         """Rebuild a model, plugins included, from a loaded ``fit`` checkpoint; ``where`` names it in errors."""
         if "plugins" not in checkpoint:
             raise UserError(f"{where} is not a lightning_sae checkpoint (no plugin description)")
+        upgrade_checkpoint(checkpoint)
         encoder_spec = checkpoint["plugins"]["encoder"]
         encoder_cls = _import(encoder_spec["class_path"])
         accepted = inspect.signature(cls.__init__).parameters
@@ -369,8 +377,21 @@ class SparseAutoencoder(LightningModule):
             encoder=lambda d_sae: encoder_cls(d_sae, **encoder_spec["init_args"]),
             penalties=[instantiate(spec) for spec in checkpoint["plugins"]["penalties"]],
         )
-        model.load_state_dict(upgrade_state_dict(checkpoint["state_dict"]))
+        model.load_state_dict(checkpoint["state_dict"])
         return model
+
+
+def upgrade_checkpoint(checkpoint: dict[str, Any]) -> None:
+    """Bring a checkpoint of an earlier version to this one, in place.
+
+    Before the model owned its firing counter, AuxK had its own ``dead_after_tokens``: it becomes
+    the model's (unless the checkpoint has one), and its count moves (:func:`upgrade_state_dict`).
+    """
+    upgrade_state_dict(checkpoint["state_dict"])
+    for spec in checkpoint.get("plugins", {}).get("penalties", []):
+        dead_after_tokens = spec.get("init_args", {}).pop("dead_after_tokens", None)
+        if dead_after_tokens is not None:
+            checkpoint.setdefault("hyper_parameters", {}).setdefault("dead_after_tokens", dead_after_tokens)
 
 
 def upgrade_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:

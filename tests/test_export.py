@@ -186,3 +186,13 @@ def test_an_encoder_without_a_saelens_form_is_refused_not_mislabelled(readme_plu
     with pytest.raises(UserError, match="SoftplusGate has no SAELens architecture"):
         export(model, tmp_path / "sae")
     assert not (tmp_path / "sae").exists(), "nothing is written"
+
+
+def test_a_topk_ranking_h_alone_with_non_unit_decoder_rows_is_refused(tmp_path: Path) -> None:
+    model = trained_like("topk", None)
+    export(model, tmp_path)
+    weights = load_file(tmp_path / "sae_weights.safetensors")
+    weights["W_dec"] = weights["W_dec"] * 2.0
+    save_file(weights, tmp_path / "sae_weights.safetensors")
+    with pytest.raises(UserError, match="would select other features"):
+        load_export(tmp_path)

@@ -9,7 +9,7 @@ import torch
 
 from lightning_sae.encoders import BatchTopK, JumpReLU, ReLU, TopK
 from lightning_sae.errors import UserError
-from lightning_sae.model import SparseAutoencoder, instantiate, plugin_spec, upgrade_state_dict
+from lightning_sae.model import SparseAutoencoder, instantiate, plugin_spec
 from lightning_sae.penalties import L0, L1, AuxK, PreAct, Tanh
 
 
@@ -124,14 +124,23 @@ def test_target_l0_controls_the_one_sparsity_penalty() -> None:
         SparseAutoencoder(d_in=8, d_sae=16, penalties=[L1(1.0), Tanh(1.0)], target_l0=4.0)
 
 
-def test_state_dicts_of_earlier_versions_load() -> None:
-    """AuxK's own rows-since-fired buffer becomes the model's firing counter."""
+def test_checkpoints_of_earlier_versions_load() -> None:
+    """Before the model's firing counter, AuxK had its own dead_after_tokens and rows-since-fired buffer."""
     model = SparseAutoencoder(d_in=8, d_sae=16, encoder=lambda m: TopK(m, k=2), penalties=[AuxK()])
     state = {key: value for key, value in model.state_dict().items() if not key.startswith("firing.")}
     state["penalties.0.tokens_since_fired"] = torch.arange(16)
-    restored = SparseAutoencoder(d_in=8, d_sae=16, encoder=lambda m: TopK(m, k=2), penalties=[AuxK()])
-    restored.load_state_dict(upgrade_state_dict(state))
+    hyper_parameters = {key: value for key, value in model.hparams.items() if key != "dead_after_tokens"}
+    auxk = {"class_path": "lightning_sae.penalties.AuxK",
+            "init_args": {"coefficient": 0.5, "k_aux": 4, "dead_after_tokens": 1234}}
+    checkpoint = {
+        "state_dict": state,
+        "hyper_parameters": hyper_parameters,
+        "plugins": {"encoder": plugin_spec(model.encoder, skip=("d_sae",)), "penalties": [auxk]},
+    }
+    restored = SparseAutoencoder.from_checkpoint_dict(checkpoint)
     assert restored.firing.rows_since_fired.tolist() == list(range(16))
+    assert restored.firing.dead_after_tokens == 1234
+    assert restored.penalties[0].coefficient == 0.5
 
 
 def test_warmups_are_steps_or_fractions_of_the_run() -> None:

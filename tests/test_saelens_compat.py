@@ -44,21 +44,27 @@ def test_sae_lens_loads_the_export(encoder: str, d_out: int | None, tmp_path: Pa
         torch.testing.assert_close(sae.decode(features), model(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk", "transcoder", "jumprelu_transcoder"])
+@pytest.mark.parametrize(
+    "architecture", ["standard", "jumprelu", "topk", "topk-rescaled", "transcoder", "jumprelu_transcoder"]
+)
 def test_load_export_reads_sae_lens_files(architecture: str, tmp_path: Path) -> None:
-    """SAELens' own save_model output, randomised (apply_b_dec_to_input on where SAELens allows it)."""
+    """SAELens' own save_model output, randomised (apply_b_dec_to_input on where SAELens allows it);
+    ``topk-rescaled``: a TopK ranking h·‖W_d‖ (rescale_acts_by_decoder_norm) with non-unit decoder rows."""
+    rescaled = architecture == "topk-rescaled"
+    architecture = architecture.removesuffix("-rescaled")
     sae_class, config_class = sae_lens.registry.get_sae_class(architecture)
     is_transcoder = architecture.endswith("transcoder")
     options = {"apply_b_dec_to_input": not is_transcoder, **({"d_out": D_IN - 2} if is_transcoder else {})}
     if architecture == "topk":
         options["k"] = 4
+        options["rescale_acts_by_decoder_norm"] = rescaled
     sae = sae_class(config_class(d_in=D_IN, d_sae=24, **options))
     with torch.no_grad():
         for parameter in sae.parameters():
             parameter.normal_(0, 0.5)
         if architecture.startswith("jumprelu"):
             sae.threshold.abs_()
-        if architecture == "topk":
+        if architecture == "topk" and not rescaled:
             sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
     sae.save_model(tmp_path)
     loaded = load_export(tmp_path)

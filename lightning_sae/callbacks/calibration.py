@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from lightning import Callback, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_sae.data.datamodule import ActivationDataModule
+from lightning_sae.callbacks.data_init import DataInitialisation
 from lightning_sae.errors import UserError
 from lightning_sae.model import SparseAutoencoder
 
@@ -15,7 +15,7 @@ QUANTILE_ELEMENTS = 2**24
 """Pre-activations held at once while taking quantiles ([rows, features] chunks of this size)."""
 
 
-class EncoderBiasCalibration(Callback):
+class EncoderBiasCalibration(DataInitialisation):
     """b_i = θ_i − q_i, so that feature i fires (h_i > θ_i) on a fraction r of the rows.
 
     Seed 000 (Anthropic, January 2025): "We initialize b_e by examining a subset of the data and
@@ -26,8 +26,8 @@ class EncoderBiasCalibration(Callback):
     training rows (scaled by input_scale), taken midway between the ⌊rN⌉-th and (⌊rN⌉+1)-th
     largest values; θ_i is the encoder's threshold (exp(t_i) for JumpReLU, 0 for ReLU).
 
-    Runs at the start of a fresh fit only, not when resuming from a checkpoint. Rank 0
-    computes the biases and broadcasts them, so every rank starts from the same b_enc.
+    Runs at the start of a fresh fit only, on rank 0 (see
+    :class:`~lightning_sae.callbacks.data_init.DataInitialisation`).
     """
 
     def __init__(
@@ -47,10 +47,9 @@ class EncoderBiasCalibration(Callback):
             raise UserError(f"EncoderBiasCalibration max_rate must be in (0, 1), got {max_rate}")
         if sample_rows < 2:
             raise UserError(f"EncoderBiasCalibration sample_rows must be at least 2, got {sample_rows}")
+        super().__init__(sample_rows, seed)
         self.features_per_row = features_per_row
         self.max_rate = max_rate
-        self.sample_rows = sample_rows
-        self.seed = seed
 
     def target_rate(self, model: SparseAutoencoder) -> float:
         """r = min(max_rate, features_per_row / m)."""
@@ -66,19 +65,13 @@ class EncoderBiasCalibration(Callback):
         assert isinstance(pl_module, SparseAutoencoder)
         self.target_rate(pl_module)
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.ckpt_path is not None:
-            return
-        assert isinstance(pl_module, SparseAutoencoder)
-        biases = None
-        if trainer.is_global_zero:
-            rows = [x for x, _ in ActivationDataModule.of(trainer).sample_batches(self.sample_rows, self.seed)]
-            biases = self.biases(pl_module, torch.cat(rows).to(pl_module.device)).cpu()
-            rate = self.target_rate(pl_module)
-            rank_zero_info(f"EncoderBiasCalibration: b_enc set for a firing rate of {rate:.4g} per feature")
-        biases = trainer.strategy.broadcast(biases, src=0)
-        with torch.no_grad():
-            pl_module.b_enc.copy_(biases.to(pl_module.b_enc))
+    def parameter(self, model: SparseAutoencoder) -> nn.Parameter:
+        return model.b_enc
+
+    def compute(self, model: SparseAutoencoder, x: Tensor, y: Tensor | None) -> Tensor:
+        biases = self.biases(model, x)
+        rank_zero_info(f"EncoderBiasCalibration: b_enc set for a firing rate of {self.target_rate(model):.4g} per feature")
+        return biases
 
     @torch.no_grad()
     def biases(self, model: SparseAutoencoder, x: Tensor) -> Tensor:

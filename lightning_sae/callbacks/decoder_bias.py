@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_sae.data.datamodule import ActivationDataModule
+from lightning_sae.callbacks.data_init import DataInitialisation
 from lightning_sae.errors import UserError
 from lightning_sae.model import SparseAutoencoder
 
@@ -35,15 +33,16 @@ def geometric_median(points: Tensor, iterations: int = 100, tolerance: float = 1
     return centre
 
 
-class DecoderBiasInit(Callback):
+class DecoderBiasInit(DataInitialisation):
     """b_dec = the geometric median (or mean) of ``sample_rows`` training targets, at a fresh fit start.
 
     Bricken et al. 2023 ("Towards Monosemanticity") and Gao et al. 2024 initialise the bias that is
     subtracted from the input and added back to the output (``center_input``) at the geometric
     median of a data sample, so that the features start by describing the spread of the data
     around its centre rather than the centre itself. The targets are y (= x for an SAE), scaled as
-    the model scales them. Rank 0 computes b_dec and broadcasts it; a resumed fit keeps its
-    checkpoint's b_dec. List it before ``EncoderBiasCalibration``, which reads x − b_dec.
+    the model scales them. Computed at a fresh start only, on rank 0 (see
+    :class:`~lightning_sae.callbacks.data_init.DataInitialisation`). List it before
+    ``EncoderBiasCalibration``, which reads x − b_dec.
     """
 
     def __init__(self, method: CentreMethod = "geometric_median", sample_rows: int = 65_536, seed: int = 0) -> None:
@@ -57,20 +56,14 @@ class DecoderBiasInit(Callback):
             raise UserError(f"DecoderBiasInit method must be 'geometric_median' or 'mean', got {method!r}")
         if sample_rows < 1:
             raise UserError(f"DecoderBiasInit sample_rows must be positive, got {sample_rows}")
+        super().__init__(sample_rows, seed)
         self.method = method
-        self.sample_rows = sample_rows
-        self.seed = seed
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.ckpt_path is not None:
-            return
-        assert isinstance(pl_module, SparseAutoencoder)
-        centre = None
-        if trainer.is_global_zero:
-            batches = ActivationDataModule.of(trainer).sample_batches(self.sample_rows, self.seed)
-            targets = torch.cat([x if y is None else y for x, y in batches]).double() * pl_module.target_scale.cpu()
-            centre = geometric_median(targets) if self.method == "geometric_median" else targets.mean(0)
-            rank_zero_info(f"DecoderBiasInit: b_dec set to the {self.method.replace('_', ' ')} of {len(targets)} rows")
-        centre = trainer.strategy.broadcast(centre, src=0)
-        with torch.no_grad():
-            pl_module.b_dec.copy_(centre.to(pl_module.b_dec))
+    def parameter(self, model: SparseAutoencoder) -> nn.Parameter:
+        return model.b_dec
+
+    def compute(self, model: SparseAutoencoder, x: Tensor, y: Tensor | None) -> Tensor:
+        targets = (x if y is None else y).double() * model.target_scale.double()
+        centre = geometric_median(targets) if self.method == "geometric_median" else targets.mean(0)
+        rank_zero_info(f"DecoderBiasInit: b_dec set to the {self.method.replace('_', ' ')} of {len(targets)} rows")
+        return centre

@@ -7,6 +7,7 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 
+from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.errors import UserError
 from lightning_sae.lm.access import ModelDtype, check_request, decoder_layers, load_model, model_source, text_source
 from lightning_sae.lm.evaluate import (
@@ -69,10 +70,7 @@ class DownstreamEval(Callback):
         if self.text is None or stage != "fit" or not trainer.is_global_zero:
             return
         assert isinstance(pl_module, SparseAutoencoder)
-        infos = getattr(trainer.datamodule, "infos", None)
-        if not infos:
-            raise UserError("DownstreamEval needs the activation files' metadata: train with ActivationDataModule")
-        attrs = infos[0].attrs
+        attrs = ActivationDataModule.of(trainer).infos[0].attrs
         layer, site = resolve_site(None, None, attrs)
         check_kind(pl_module, site)
         context_length = int(attrs.get("context_length", DEFAULT_CONTEXT_LENGTH))

@@ -6,6 +6,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from lightning_sae.data.datamodule import ActivationDataModule
 
 RECOVERED_COSINE = 0.9
 """A true feature counts as recovered when some learned direction has a cosine above this."""
@@ -30,8 +31,7 @@ class FeatureRecovery(Callback):
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        datamodule = trainer.datamodule
-        truth = datamodule.ground_truth() if hasattr(datamodule, "ground_truth") else None
+        truth = ActivationDataModule.of(trainer).ground_truth()
         self.true_features = torch.from_numpy(truth["features"]) if truth and "features" in truth else None
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -134,18 +134,25 @@ class ActivationDataModule(LightningDataModule):
         """Saved in checkpoints: the first file's source attributes (model, layer, site, ...) and,
         while fitting, the position in the training stream.
 
-        The position is the epoch and the batches of it the training loop has taken
-        (``batch_progress.current.ready``); the loop's own prefetched batch is not counted, since
-        a resumed run fetches it again.
+        The position is the epoch and the batches of it the training loop has taken: every
+        optimizer step took ``accumulate_grad_batches`` of them and every finished epoch
+        ``num_training_batches``. A batch the loop has prefetched but not trained on is not
+        counted, since a resumed run fetches it again.
         """
         state: dict[str, Any] = {"source": self.infos[0].attrs}
         if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             state["position"] = {
                 "epoch": self.trainer.current_epoch,
-                "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+                "batches": self._batches_taken_this_epoch(),
                 "layout": self._layout(),
             }
         return state
+
+    def _batches_taken_this_epoch(self) -> int:
+        trainer = self.trainer
+        assert trainer is not None
+        taken = trainer.global_step * trainer.accumulate_grad_batches
+        return int(taken - trainer.current_epoch * trainer.num_training_batches)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Remember the saved stream position; the training loader's first pass starts there.

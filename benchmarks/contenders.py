@@ -145,7 +145,8 @@ def fit_saelens(
     if architecture == "topk":
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=max(1, round(l0)), **common))
     else:
-        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **common))
+        config = JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **common)
+        sae = JumpReLUTrainingSAE(config)
     steps = max(1, train_rows // batch_size)
     lr = lr or 2e-4 * (2**14 / d_sae) ** 0.5
     config = SAETrainerConfig(

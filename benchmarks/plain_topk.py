@@ -38,7 +38,9 @@ class PlainTopK:
         return self.encode(x) @ self.W_dec + self.b_dec
 
 
-def train_plain_topk(batches: Iterator[Tensor], d_sae: int, k: int, steps: int, lr: float = 2e-3, seed: int = 0) -> PlainTopK:
+def train_plain_topk(
+    batches: Iterator[Tensor], d_sae: int, k: int, steps: int, lr: float = 2e-3, seed: int = 0
+) -> PlainTopK:
     """Train on ``steps`` batches [B, d] from ``batches``; the first one also sets b_dec."""
     generator = torch.Generator().manual_seed(seed)
     first = next(batches).float()

@@ -6,8 +6,8 @@ Usage::
     .venv/bin/python benchmarks/recipe_quality.py --sets toy-offset --recipes topk relu-l1
 
 For each synthetic superposition set below (written once by ``lightning_sae synth`` into
-``--data-dir``), every config in ``configs/`` is trained by ``lightning_sae fit`` at its own
-defaults, with only its sparsity knob set to the set's true L0 (``k`` for TopK encoders,
+``--data-dir``), every recipe config in ``configs/`` (all but the quickstart, a small TopK) is
+trained by ``lightning_sae fit`` at its own defaults, with only its sparsity knob set to the set's true L0 (``k`` for TopK encoders,
 ``model.target_l0`` for penalty recipes) and the same budget of training rows. Beside them, in
 the same run and on the same rows (the same shuffled training stream, the same held-out tail):
 
@@ -120,7 +120,8 @@ class Score:
 def held_out_rows(path: Path) -> tuple[Tensor, Tensor]:
     """The file's last VAL_ROWS rows (the rows every contender holds out) and its true features."""
     with h5py.File(path, "r") as file:
-        return torch.from_numpy(file[ACTIVATIONS][-VAL_ROWS:]).float(), torch.from_numpy(file[GROUND_TRUTH]["features"][()])
+        rows = torch.from_numpy(file[ACTIVATIONS][-VAL_ROWS:]).float()
+        return rows, torch.from_numpy(file[GROUND_TRUTH]["features"][()])
 
 
 def score(trained: Trained, path: Path) -> Score:
@@ -191,7 +192,8 @@ def report(results: dict[str, dict[str, Any]], sets: dict[str, SyntheticSet], co
             ratio = f"{entry['fvu'] / reference_fvu:.2f}" if reference_fvu else "—"
             coefficients = ", ".join(f"{name} {value:.3g}" for name, value in entry.get("coefficients", {}).items())
             lines.append(
-                f"| {entry['method']} | {entry['mmcs']:.3f} | {entry['recovered']:.0%} | {entry['fvu']:.3f} | {ratio} | "
+                f"| {entry['method']} | {entry['mmcs']:.3f} | {entry['recovered']:.0%} | {entry['fvu']:.3f} | "
+                f"{ratio} | "
                 f"{entry['l0']:.1f} | {entry['dead']:.0%} | {coefficients or '—'} | {entry['train_rows']:,} | "
                 f"{entry['seconds']:.0f} | {meets_targets(entry, reference_fvu)} |"
             )
@@ -201,7 +203,7 @@ def report(results: dict[str, dict[str, Any]], sets: dict[str, SyntheticSet], co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="*", help=f"sets to run (default all: {', '.join(SETS)})")
-    parser.add_argument("--recipes", nargs="*", help="config names to run (default: every configs/*.yaml)")
+    parser.add_argument("--recipes", nargs="*", help="config names (default: every configs/*.yaml but quickstart)")
     parser.add_argument("--quick", action="store_true", help="one small set: a smoke test of the benchmark")
     parser.add_argument("--no-saelens", action="store_true", help="skip SAELens even when it is installed")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "bench")
@@ -210,7 +212,8 @@ def main() -> None:
     args = parser.parse_args()
     sets = QUICK if args.quick else SETS
     chosen = {name: sets[name] for name in (args.sets or sets)}
-    configs = [CONFIGS / f"{name}.yaml" for name in args.recipes] if args.recipes else sorted(CONFIGS.glob("*.yaml"))
+    recipes = [path for path in sorted(CONFIGS.glob("*.yaml")) if path.stem != "quickstart"]
+    configs = [CONFIGS / f"{name}.yaml" for name in args.recipes] if args.recipes else recipes
     store = args.results or args.data_dir / ("recipe_quality_quick.json" if args.quick else "recipe_quality.json")
     out = args.out or (args.data_dir / "recipe_quality_quick.md" if args.quick else ROOT / "docs" / "recipe_quality.md")
     args.data_dir.mkdir(parents=True, exist_ok=True)
@@ -231,8 +234,11 @@ def main() -> None:
         for train in contenders:
             result = score(train(), path)
             results[f"{data.name}/{result.method}"] = asdict(result)
-            print(f"{data.name:12} {result.method:22} MMCS {result.mmcs:.3f}  recovered {result.recovered:.0%}  "
-                  f"FVU {result.fvu:.3f}  L0 {result.l0:.1f}  dead {result.dead:.0%}  {result.seconds:.0f} s", flush=True)
+            print(
+                f"{data.name:12} {result.method:22} MMCS {result.mmcs:.3f}  recovered {result.recovered:.0%}  "
+                f"FVU {result.fvu:.3f}  L0 {result.l0:.1f}  dead {result.dead:.0%}  {result.seconds:.0f} s",
+                flush=True,
+            )
             store.write_text(json.dumps(results, indent=1))
     command = f".venv/bin/python benchmarks/recipe_quality.py {' '.join(sys.argv[1:])}".strip()
     out.write_text(report(results, sets, command))

@@ -85,7 +85,8 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, command
         f"SmolLM2-135M-Instruct, residual stream after layer 6 (`make smollm2-data`), d_sae {args.d_sae}, L0 "
         f"{args.l0:g}, {entries[0]['train_rows']:,} training rows in batches of {args.batch_size} for every SAE; "
         f"held-out text: {Path(args.text).name} ({entries[0]['n_tokens']:,} scored tokens, clean CE "
-        f"{entries[0]['ce_clean']:.3f} nats). ΔCE and KL in nats per token. Target: ΔCE and KL at most the plain loop's.",
+        f"{entries[0]['ce_clean']:.3f} nats). ΔCE and KL in nats per token. "
+        "Target: ΔCE and KL at most the plain loop's.",
         "",
         "| method | ΔCE | KL | loss recovered | L0 | FVU | dead | s | target |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -118,7 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.exists():
         raise SystemExit(f"{args.data} not found: run `make smollm2-data` first")
-    names = args.recipes or [path.stem for path in sorted((ROOT / "configs").glob("*.yaml")) if path.stem != "quickstart"]
+    shipped = sorted((ROOT / "configs").glob("*.yaml"))
+    names = args.recipes or [path.stem for path in shipped if path.stem != "quickstart"]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = json.loads(args.results.read_text()) if args.results.exists() else {}
     results["_machine"] = {"machine": machine()}

@@ -83,7 +83,9 @@ class SAECLI(LightningCLI):
                                log10_feature_density=log10_density))
         if not self.trainer.is_global_zero:
             return
-        metrics = {name: float(value) for name, value in self.trainer.callback_metrics.items() if name.startswith("val/")}
+        metrics = {
+            name: float(value) for name, value in self.trainer.callback_metrics.items() if name.startswith("val/")
+        }
         print(format_summary(metrics, where, str(log_dir)))
 
 

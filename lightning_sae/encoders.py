@@ -189,7 +189,9 @@ class JumpReLU(Encoder):
         if ste not in ("anthropic", "paper"):
             raise UserError(f"JumpReLU ste must be 'anthropic' or 'paper', got {ste!r}")
         if threshold_units not in ("pre_activation", "effective"):
-            raise UserError(f"JumpReLU threshold_units must be 'pre_activation' or 'effective', got {threshold_units!r}")
+            raise UserError(
+                f"JumpReLU threshold_units must be 'pre_activation' or 'effective', got {threshold_units!r}"
+            )
         self.bandwidth = bandwidth
         self.ste = ste
         self.threshold_units = threshold_units
@@ -283,18 +285,16 @@ class BatchTopK(Encoder):
         selected = flat_keys.topk(n_keep).indices
         mask = torch.zeros_like(flat_keys, dtype=torch.bool).index_fill_(0, selected, True).view_as(keys)
         mask &= keys > 0
-        self._update_threshold(keys[mask])
+        self._update_threshold(keys, mask)
         return torch.relu(pre_acts) * mask
 
     @torch.no_grad()
-    def _update_threshold(self, selected_keys: Tensor) -> None:
-        if selected_keys.numel() == 0:
-            return
-        smallest = selected_keys.min()
-        if self.key_threshold < 0:
-            self.key_threshold.copy_(smallest)
-        else:
-            self.key_threshold.lerp_(smallest, 1 - self.threshold_momentum)
+    def _update_threshold(self, keys: Tensor, selected: Tensor) -> None:
+        """Move the running threshold towards the smallest selected key, on the device (no host sync)."""
+        smallest = keys.masked_fill(~selected, float("inf")).min()
+        running = torch.lerp(self.key_threshold, smallest, 1 - self.threshold_momentum)
+        moved = torch.where(self.key_threshold < 0, smallest, running)
+        self.key_threshold.copy_(torch.where(selected.any(), moved, self.key_threshold))
 
     def threshold(self, decoder_norms: Tensor) -> Tensor:
         return self.key_threshold.clamp(min=0) / decoder_norms

@@ -223,7 +223,10 @@ class SparseAutoencoder(LightningModule):
             logs = {f"train/{name}": value.detach() for name, value in terms.items()}
             logs["train/loss"] = total.detach()
             with torch.no_grad():  # this batch's values, no cross-rank sync (forward, not compute)
-                logs.update(self.train_metrics(out.target, out.reconstruction, out.features, decoder_norms=out.decoder_norms))
+                batch_metrics = self.train_metrics(
+                    out.target, out.reconstruction, out.features, decoder_norms=out.decoder_norms
+                )
+                logs.update(batch_metrics)
                 self.train_metrics.reset()
             logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
             for name, penalty in zip(self.penalty_names, self.penalties):
@@ -254,7 +257,9 @@ class SparseAutoencoder(LightningModule):
 
     # --------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate(), betas=self.hparams.betas, weight_decay=0.0)
+        optimizer = torch.optim.Adam(
+            self.parameters(), lr=self.learning_rate(), betas=self.hparams.betas, weight_decay=0.0
+        )
         total_steps = self.trainer.estimated_stepping_batches
         if not 0 < total_steps < float("inf"):
             raise UserError("the number of training steps is unknown: set trainer.max_steps")

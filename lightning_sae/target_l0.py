@@ -33,7 +33,9 @@ class L0Controller(nn.Module):
     synchronisation) and identically on every rank.
     """
 
-    def __init__(self, target: float, warmup_fraction: float = 0.0, gain: float = 0.01, max_log_factor: float = 20.0) -> None:
+    def __init__(
+        self, target: float, warmup_fraction: float = 0.0, gain: float = 0.01, max_log_factor: float = 20.0
+    ) -> None:
         """
         Args:
             target: Target mean number of active features per row.

@@ -51,7 +51,9 @@ def test_a_resumed_fit_keeps_its_b_dec(
     toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer], tmp_path: Path
 ) -> None:
     data = toy_data()
-    first = callback_trainer(2, [DecoderBiasInit(sample_rows=2048)], enable_checkpointing=True, default_root_dir=tmp_path)
+    first = callback_trainer(
+        2, [DecoderBiasInit(sample_rows=2048)], enable_checkpointing=True, default_root_dir=tmp_path
+    )
     first.fit(SparseAutoencoder(d_in=16, d_sae=32, input_scale=data.input_scale, center_input=True), data)
     (checkpoint,) = tmp_path.glob("**/*.ckpt")
     saved = torch.load(checkpoint, weights_only=True)["state_dict"]["b_dec"]

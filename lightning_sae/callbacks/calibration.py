@@ -70,7 +70,8 @@ class EncoderBiasCalibration(DataInitialisation):
 
     def compute(self, model: SparseAutoencoder, x: Tensor, y: Tensor | None) -> Tensor:
         biases = self.biases(model, x)
-        rank_zero_info(f"EncoderBiasCalibration: b_enc set for a firing rate of {self.target_rate(model):.4g} per feature")
+        rate = self.target_rate(model)
+        rank_zero_info(f"EncoderBiasCalibration: b_enc set for a firing rate of {rate:.4g} per feature")
         return biases
 
     @torch.no_grad()

@@ -126,7 +126,9 @@ def _dataset_pieces(path: Path, text_field: str, split: str) -> Iterator[Piece]:
             yield str(value), True
 
 
-def token_windows(tokenizer: PreTrainedTokenizerBase, pieces: Iterable[Piece], context_length: int) -> Iterator[np.ndarray]:
+def token_windows(
+    tokenizer: PreTrainedTokenizerBase, pieces: Iterable[Piece], context_length: int
+) -> Iterator[np.ndarray]:
     """Token windows: BOS, then the next ``context_length - 1`` tokens of the document stream.
 
     The stream concatenates the documents, each followed by EOS (BOS when the tokenizer has

@@ -51,6 +51,8 @@ class Trained:
     train_rows: int
     coefficients: dict[str, float] = field(default_factory=dict)
     """A recipe's penalty coefficients in force at the end (``train/<penalty>_coefficient``)."""
+    train_l0: float | None = None
+    """A recipe's L0 on its last logged training batch (``train/l0``)."""
 
 
 def training_batches(path: Path, batch_size: int, val_rows: int) -> Iterator[Tensor]:
@@ -87,17 +89,22 @@ def fit_recipe(
         seconds = time.perf_counter() - start
         run = Path(logs) / "run" / "version_0"
         model = load_export(run / "sae")
-        coefficients = final_coefficients(run)
-    return Trained(config.stem, model, seconds, steps * batch_size, coefficients)
+        last = last_logged(run)
+    coefficients = {
+        tag.removeprefix("train/").removesuffix("_coefficient"): value
+        for tag, value in last.items()
+        if tag.endswith("_coefficient")
+    }
+    return Trained(config.stem, model, seconds, steps * batch_size, coefficients, last.get("train/l0"))
 
 
-def final_coefficients(run: Path) -> dict[str, float]:
-    """The last logged ``train/<penalty>_coefficient`` of each penalty of a run."""
+def last_logged(run: Path) -> dict[str, float]:
+    """The last logged value of each ``train/`` scalar of a run."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run)).Reload()
-    tags = [tag for tag in events.Tags()["scalars"] if tag.startswith("train/") and tag.endswith("_coefficient")]
-    return {tag.removeprefix("train/").removesuffix("_coefficient"): events.Scalars(tag)[-1].value for tag in tags}
+    tags = [tag for tag in events.Tags()["scalars"] if tag.startswith("train/")]
+    return {tag: events.Scalars(tag)[-1].value for tag in tags}
 
 
 def fit_plain_topk(

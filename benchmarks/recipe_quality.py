@@ -7,8 +7,9 @@ Usage::
 
 For each synthetic superposition set below (written once by ``lightning_sae synth`` into
 ``--data-dir``), every recipe config in ``configs/`` (all but the quickstart, a small TopK) is
-trained by ``lightning_sae fit`` at its own defaults, with only its sparsity knob set to the set's true L0 (``k`` for TopK encoders,
-``model.target_l0`` for penalty recipes) and the same budget of training rows. Beside them, in
+trained by ``lightning_sae fit`` at its own defaults, with only its sparsity knob set to the set's
+true L0 (``k`` for TopK encoders, ``model.target_l0`` for penalty recipes) and the same budget of
+training rows. Beside them, in
 the same run and on the same rows (the same shuffled training stream, the same held-out tail):
 
 - ``plain TopK``: the forty-line PyTorch loop of ``plain_topk.py`` (k = true L0 rounded), the

@@ -61,6 +61,7 @@ def downstream(trained: Trained, data: Path, text: str) -> dict[str, Any]:
         "kl": result["kl_sae"],
         "loss_recovered": result["loss_recovered"],
         "l0": result["l0"],
+        "train_l0": trained.train_l0,
         "fvu": result["fvu"],
         "dead": 1 - fired.float().mean().item(),
         "seconds": trained.seconds,
@@ -88,17 +89,19 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, command
         f"{entries[0]['ce_clean']:.3f} nats). ΔCE and KL in nats per token. "
         "Target: ΔCE and KL at most the plain loop's.",
         "",
-        "| method | ΔCE | KL | loss recovered | L0 | FVU | dead | s | target |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | ΔCE | KL | loss recovered | L0 | L0 while training | FVU | dead | s | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for entry in sorted(entries, key=lambda entry: (entry["method"] != PLAIN_TOPK, entry["method"])):
+        train_l0 = "—" if entry.get("train_l0") is None else f"{entry['train_l0']:.1f}"
         verdict = "—"
         if reference is not None and entry is not reference:
             met = entry["delta_ce"] <= reference["delta_ce"] and entry["kl"] <= reference["kl"]
             verdict = "✓" if met else "✗"
         lines.append(
             f"| {entry['method']} | {entry['delta_ce']:.4f} | {entry['kl']:.4f} | {entry['loss_recovered']:.1%} | "
-            f"{entry['l0']:.1f} | {entry['fvu']:.3f} | {entry['dead']:.0%} | {entry['seconds']:.0f} | {verdict} |"
+            f"{entry['l0']:.1f} | {train_l0} | {entry['fvu']:.3f} | {entry['dead']:.0%} | {entry['seconds']:.0f} | "
+            f"{verdict} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -40,8 +40,9 @@ tensorboard: $(BIN)/lightning_sae ## Watch the runs under logs/
 smollm2-data: $(BIN)/lightning_sae ## Cache SmolLM2-135M layer-6 activations of real text (see README)
 	bash scripts/smollm2_data.sh
 
-benchmark: $(BIN)/lightning_sae ## Measure data throughput; writes docs/benchmarks.md
+benchmark: $(BIN)/lightning_sae ## Loader and training throughput (tokens/s of every recipe vs a plain loop and SAELens) on this machine; tables for docs/benchmarks.md
 	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py
 
 recipe-quality: $(BIN)/lightning_sae ## Every recipe vs a plain loop and SAELens on synthetic sets (hours on 2 cores; ARGS="--sets toy-offset" for one); writes docs/recipe_quality.md
 	cd benchmarks && ../$(BIN)/python recipe_quality.py $(ARGS)

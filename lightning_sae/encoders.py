@@ -22,9 +22,11 @@ from lightning_sae.errors import UserError
 SteVariant = Literal["anthropic", "paper"]
 
 
-def rectangle(u: Tensor) -> Tensor:
-    """The rectangle kernel K(u) = 1 if -1/2 < u < 1/2 else 0 (JumpReLU paper, eq. 10)."""
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+def in_window(pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """K((h − θ)/ε) for the rectangle kernel K(u) = 1 if −1/2 < u < 1/2 else 0 (JumpReLU paper,
+    eq. 10), as a bool mask θ − ε/2 < h < θ + ε/2 computed without a [..., m] float temporary."""
+    half = bandwidth / 2
+    return (pre_acts > threshold - half) & (pre_acts < threshold + half)
 
 
 def _sum_to_features(grad: Tensor) -> Tensor:
@@ -54,14 +56,14 @@ class JumpReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
         pre_acts, threshold = ctx.saved_tensors
-        window = rectangle((pre_acts - threshold) / ctx.bandwidth)
+        windowed = grad * in_window(pre_acts, threshold, ctx.bandwidth)  # grad·K((h − θ)/ε)
         grad_pre_acts = grad * (pre_acts > threshold)
-        jump = grad * window * (threshold / ctx.bandwidth)
+        scale = threshold / ctx.bandwidth  # θ/ε, per feature
         if ctx.variant == "anthropic":
-            grad_pre_acts = grad_pre_acts + jump
-            grad_log_threshold = -_sum_to_features(jump)
+            grad_pre_acts = torch.addcmul(grad_pre_acts, windowed, scale.to(windowed.dtype))
+            grad_log_threshold = -scale * _sum_to_features(windowed)
         else:
-            grad_log_threshold = -_sum_to_features(jump * threshold)
+            grad_log_threshold = -scale * threshold * _sum_to_features(windowed)
         return grad_pre_acts, grad_log_threshold, None, None
 
 
@@ -83,10 +85,11 @@ class StepFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
         pre_acts, threshold = ctx.saved_tensors
-        window = grad * rectangle((pre_acts - threshold) / ctx.bandwidth) / ctx.bandwidth
+        windowed = grad * in_window(pre_acts, threshold, ctx.bandwidth)  # grad·K((h − θ)/ε)
+        grad_log_threshold = -_sum_to_features(windowed) / ctx.bandwidth
         if ctx.variant == "anthropic":
-            return window, -_sum_to_features(window), None, None
-        return torch.zeros_like(pre_acts), -_sum_to_features(window * threshold), None, None
+            return windowed / ctx.bandwidth, grad_log_threshold, None, None
+        return torch.zeros_like(pre_acts), grad_log_threshold * threshold, None, None
 
 
 class Encoder(nn.Module):
@@ -111,6 +114,16 @@ class Encoder(nn.Module):
     def threshold(self, decoder_norms: Tensor) -> Tensor:
         """Per-feature value h_i must exceed to fire, [d_sae] (0 for a ReLU)."""
         return torch.zeros_like(decoder_norms)
+
+    def selection_size(self) -> int | None:
+        """k when every row keeps exactly k features (TopK), else None."""
+        return None
+
+    def select(self, pre_acts: Tensor, decoder_norms: Tensor) -> tuple[Tensor, Tensor]:
+        """The features as (values [..., k], indices [..., k]) of an encoder with a
+        :meth:`selection_size`, so the decoder can gather k rows of W_dec instead of multiplying
+        all d_sae; ``forward`` is the scatter of these."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no fixed number of features per row")
 
     def rescale_(self, pre_act_scale: Tensor, decoder_norm_scale: Tensor) -> None:
         """Adjust own parameters after h_i is multiplied by ``pre_act_scale[i]`` and ‖W_d,i‖ by
@@ -240,10 +253,16 @@ class TopK(Encoder):
         self.k = k
 
     def forward(self, pre_acts: Tensor, decoder_norms: Tensor) -> Tensor:
-        keys = (pre_acts * decoder_norms).detach()
-        indices = keys.topk(self.k, dim=-1).indices
-        values = torch.relu(pre_acts.gather(-1, indices))
+        values, indices = self.select(pre_acts, decoder_norms)
         return torch.zeros_like(pre_acts).scatter(-1, indices, values)
+
+    def selection_size(self) -> int:
+        return self.k
+
+    def select(self, pre_acts: Tensor, decoder_norms: Tensor) -> tuple[Tensor, Tensor]:
+        keys = (pre_acts * decoder_norms.to(pre_acts.dtype)).detach()  # bfloat16 under bf16-mixed
+        indices = keys.topk(self.k, dim=-1).indices
+        return torch.relu(pre_acts.gather(-1, indices)), indices
 
     def rescale_(self, pre_act_scale: Tensor, decoder_norm_scale: Tensor) -> None:
         """Positively homogeneous, and folding keeps the ranking of h_i·‖W_d,i‖: nothing to adjust."""
@@ -277,7 +296,7 @@ class BatchTopK(Encoder):
         self.register_buffer("key_threshold", torch.tensor(-1.0))
 
     def forward(self, pre_acts: Tensor, decoder_norms: Tensor) -> Tensor:
-        keys = (pre_acts * decoder_norms).detach()
+        keys = (pre_acts * decoder_norms.to(pre_acts.dtype)).detach()
         if not self.training:
             return torch.relu(pre_acts) * (keys > self.key_threshold.clamp(min=0))
         flat_keys = keys.reshape(-1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -36,12 +38,16 @@ class FiringCounter(nn.Module):
         self.register_buffer("step_counts", torch.zeros(d_sae, dtype=torch.long), persistent=False)
         self.step_rows = 0
         """Rows of the last training step, all ranks together."""
+        self._dead_count = HostCopy()
 
     @torch.no_grad()
     def update(self, features: Tensor) -> None:
         """Count the firings of one training step's features [..., m] (every rank calls it)."""
         fired = features.reshape(-1, features.shape[-1]) > 0
-        counts = fired.sum(0)
+        if fired.is_cuda:  # summing bools converts them to int64 first; float16 read into a float32 sum does not
+            counts = fired.half().sum(0, dtype=torch.float32).long()
+        else:
+            counts = fired.sum(0)
         world_size = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
@@ -49,6 +55,16 @@ class FiringCounter(nn.Module):
         self.step_counts.copy_(counts)
         self.step_rows = fired.shape[0] * world_size  # every rank's batch holds the same rows
         self.rows_since_fired.add_(self.step_rows).masked_fill_(counts > 0, 0)
+        self._publish_dead_count()
+
+    @property
+    def known_dead_count(self) -> int:
+        """The number of dead features as last known on the host, without waiting for the device:
+        exact on a CPU, a step or two old on a GPU (−1: not known yet)."""
+        return self._dead_count.value
+
+    def _publish_dead_count(self) -> None:
+        self._dead_count.publish(self.dead_mask().sum())
 
     def dead_mask(self) -> Tensor:
         """[m] bool: features that fired on none of the last ``dead_after_tokens`` training rows."""
@@ -62,3 +78,40 @@ class FiringCounter(nn.Module):
     def revive_(self, indices: Tensor) -> None:
         """Restart the count of rows without firing of ``indices`` (features just resampled)."""
         self.rows_since_fired[indices] = 0
+        self._dead_count.forget()  # the known count may now be too high
+
+
+class HostCopy:
+    """The value of a device scalar on the host, brought over without making the host wait.
+
+    On a CPU the value is read at once. On a GPU it is copied into page-locked memory
+    asynchronously, and :attr:`value` is that of the last copy that has landed (an event query,
+    never a wait). Copies in flight are not pickled or deep-copied.
+    """
+
+    def __init__(self) -> None:
+        self.value = -1
+        self._copy: Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    def publish(self, scalar: Tensor) -> None:
+        """Start bringing ``scalar`` (an integer tensor) to the host."""
+        if scalar.device.type != "cuda":
+            self.value = int(scalar)
+            return
+        if self._copied is not None:
+            if not self._copied.query():
+                return  # the previous copy is still on its way; a later call tries again
+            self.value = int(self._copy)  # type: ignore[arg-type]
+        if self._copy is None:
+            self._copy = torch.empty((), dtype=torch.long, pin_memory=True)
+        self._copy.copy_(scalar, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def forget(self) -> None:
+        """Make the value unknown (−1) until the next :meth:`publish` lands."""
+        self.value, self._copied = -1, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"value": self.value, "_copy": None, "_copied": None}

@@ -11,16 +11,19 @@ E‖x‖₂ = √n (seed 000). The scales are buffers, saved with the weights an
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
+from lightning_sae.decoding import Decoding, gather_decode, gathers
 from lightning_sae.encoders import Encoder, ReLU
 from lightning_sae.errors import UserError
 from lightning_sae.firing import FiringCounter
@@ -30,8 +33,8 @@ from lightning_sae.output import SAEOutput
 from lightning_sae.penalties import Penalty
 from lightning_sae.target_l0 import L0Controller
 
-Batch = tuple[Tensor, Tensor]
-"""(x, y) rows of a batch; y is x itself when the SAE reconstructs its input."""
+Batch = tuple[Tensor, Tensor | None]
+"""(x, y) rows of a batch; y is None when the SAE reconstructs its input."""
 
 
 class SparseAutoencoder(LightningModule):
@@ -58,6 +61,9 @@ class SparseAutoencoder(LightningModule):
         dead_after_tokens: int = 10_000_000,
         target_l0: float | None = None,
         target_l0_warmup: float = 0.0,
+        decoding: Decoding = "auto",
+        compile: bool = False,
+        allow_tf32: bool = True,
         decoder_init_norm: float | None = None,
         encoder_init_scale: float | None = None,
     ) -> None:
@@ -88,6 +94,14 @@ class SparseAutoencoder(LightningModule):
             target_l0_warmup: Fraction of the run over which that coefficient first rises linearly
                 from 0 (seed 000's sparsity warmup), stopping early once the target is reached; the
                 search for it starts afterwards.
+            decoding: "dense": ŷ = f·W_dec; "sparse": for an encoder that keeps k features per row
+                (TopK), ŷ = Σ_k f_k·W_dec[i_k] from the k gathered rows, whose cost grows with k
+                rather than d_sae, forward and backward; "auto": sparse where k/d_sae is small
+                enough for that to be faster on the device (``decoding.GATHER_BELOW_K_OVER_M``).
+            compile: ``torch.compile`` the forward pass (encoder and decoder) when fitting.
+            allow_tf32: On a CUDA device, let float32 matrix products use TF32
+                (``torch.set_float32_matmul_precision("high")``, a process-wide setting); it only
+                matters under ``precision: 32-true``, and false keeps full float32.
             decoder_init_norm: Initial norm of every decoder row, in random directions (Gao et al. 2024: 1);
                 None: seed 000's W_d ~ U(−1/√n, 1/√n).
             encoder_init_scale: W_e = s·W_dᵀ at initialisation when X = Y (Gao et al. 2024: 1); None: seed
@@ -108,6 +122,7 @@ class SparseAutoencoder(LightningModule):
             raise UserError("center_input subtracts b_dec from the input, so it needs d_out = d_in (no targets)")
         self.center_input = center_input
         self.encoder = encoder(d_sae)
+        self.decoding = self._checked_decoding(decoding)
         self.firing = FiringCounter(d_sae, dead_after_tokens)
         self.penalties = nn.ModuleList(penalties or [])
         self.penalty_names = _unique_names([penalty.name for penalty in self.penalties])
@@ -126,6 +141,15 @@ class SparseAutoencoder(LightningModule):
         self.validated_step = -1
         """The optimizer step of the last completed validation pass (−1: none yet)."""
         self.reset_parameters()
+
+    def _checked_decoding(self, decoding: Decoding) -> Decoding:
+        """``decoding``, refused where the encoder cannot decode sparsely."""
+        if decoding not in ("auto", "dense", "sparse"):
+            raise UserError(f"decoding must be 'auto', 'dense' or 'sparse', got {decoding!r}")
+        if decoding == "sparse" and self.encoder.selection_size() is None:
+            name = type(self.encoder).__name__
+            raise UserError(f"decoding='sparse' needs an encoder that keeps k features per row, not {name}")
+        return decoding
 
     def _sparsity_penalty_index(self) -> int:
         """Index of the one penalty with ``sparsity`` set, which ``target_l0`` controls."""
@@ -167,7 +191,7 @@ class SparseAutoencoder(LightningModule):
     def forward_pass(self, x: Tensor, y: Tensor | None = None) -> SAEOutput:
         """Run the SAE on raw rows x (and targets y, default x) and return every intermediate."""
         x_scaled = x.to(self.W_enc.dtype) * self.input_scale
-        if y is None or y is x:
+        if y is None:
             y_scaled = x_scaled if self.reconstructs_input else None
         else:
             y_scaled = y.to(self.W_enc.dtype) * self.target_scale
@@ -175,19 +199,34 @@ class SparseAutoencoder(LightningModule):
             raise UserError("this model maps X to a different Y: batches must carry targets")
         pre_acts = self.pre_activations(x_scaled)
         decoder_norms = self.decoder_norms()
-        features = self.encoder(pre_acts, decoder_norms)
-        reconstruction = features @ self.W_dec + self.b_dec
+        features, reconstruction = self._encode_decode(pre_acts, decoder_norms)
         return SAEOutput(
             x_scaled, y_scaled, pre_acts, features, reconstruction, decoder_norms, self.W_dec, self.firing.dead_mask()
         )
+
+    def _encode_decode(self, pre_acts: Tensor, decoder_norms: Tensor) -> tuple[Tensor, Tensor]:
+        """Features f and the scaled reconstruction f·W_dec + b_dec, gathered where ``decoding`` says."""
+        k = self.encoder.selection_size()
+        if k is None or not gathers(self.decoding, k, self.d_sae, pre_acts.device):
+            features = self.encoder(pre_acts, decoder_norms)
+            return features, features @ self.W_dec + self.b_dec
+        values, indices = self.encoder.select(pre_acts, decoder_norms)
+        features = torch.zeros_like(pre_acts).scatter(-1, indices, values)
+        return features, gather_decode(values, indices, self.W_dec) + self.b_dec
 
     def encoder_input(self, x_scaled: Tensor) -> Tensor:
         """What W_enc multiplies: the scaled rows, less b_dec with ``center_input``, [B, n]."""
         return x_scaled - self.b_dec if self.center_input else x_scaled
 
     def pre_activations(self, x_scaled: Tensor) -> Tensor:
-        """h = x·W_enc + b_enc, or (x − b_dec)·W_enc + b_enc with ``center_input``, of scaled rows, [B, m]."""
-        return self.encoder_input(x_scaled) @ self.W_enc + self.b_enc
+        """h = x·W_enc + b_enc, or (x − b_dec)·W_enc + b_enc with ``center_input``, of scaled rows, [B, m].
+
+        One ``addmm``: under autocast h stays in bfloat16 (a separate ``+ b_enc`` would promote the
+        [B, m] product to float32 and double the memory traffic of everything that reads h).
+        """
+        x = self.encoder_input(x_scaled)
+        h = torch.addmm(self.b_enc, x.reshape(-1, x.shape[-1]), self.W_enc)
+        return h.reshape(*x.shape[:-1], self.d_sae)
 
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations f of raw rows x, [B, m]."""
@@ -196,11 +235,13 @@ class SparseAutoencoder(LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction ŷ of raw rows x, in the raw (unscaled) target space."""
-        return (self.encode(x) @ self.W_dec + self.b_dec) / self.target_scale
+        pre_acts = self.pre_activations(x.to(self.W_enc.dtype) * self.input_scale)
+        return self._encode_decode(pre_acts, self.decoder_norms())[1] / self.target_scale
 
     # -------------------------------------------------------------------- loss
     def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and its unweighted terms: ``mse`` = ‖y − ŷ‖² and one per penalty."""
+        out = dataclasses.replace(out, dead_count=self.firing.known_dead_count)
         mse = (out.target - out.reconstruction).pow(2).sum(-1).mean()
         terms = {"mse": mse}
         total = mse
@@ -232,7 +273,9 @@ class SparseAutoencoder(LightningModule):
             for name, penalty in zip(self.penalty_names, self.penalties):
                 logs[f"train/{name}_coefficient"] = penalty.current_coefficient
             self.log_dict(logs, on_step=True, on_epoch=False, batch_size=rows)
-        self.log("loss", total.detach(), prog_bar=True, logger=False, batch_size=rows)
+            # the progress bar shows the loss of the last logged step: reading it every step would
+            # make every step wait for the device
+            self.log("loss", total.detach(), prog_bar=True, logger=False, batch_size=rows)
         return total
 
     def logs_this_step(self) -> bool:
@@ -256,9 +299,26 @@ class SparseAutoencoder(LightningModule):
             self.validated_step = self.global_step
 
     # --------------------------------------------------------------- optimiser
+    def setup(self, stage: str) -> None:
+        """Device-dependent settings: TF32 matmuls on CUDA, and the compiled forward pass."""
+        if self.hparams.allow_tf32 and self.trainer.strategy.root_device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        if self.hparams.compile and stage == "fit":
+            self.forward_pass = torch.compile(self.forward_pass)  # type: ignore[method-assign]
+
     def configure_optimizers(self) -> dict[str, Any]:
+        """Adam without weight decay and the warmup/decay schedule, stepped every step.
+
+        Adam is fused (one kernel for all parameters) on CUDA unless a float16 loss scaler
+        unscales the gradients, which it then would have to do inside the fused step.
+        """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         optimizer = torch.optim.Adam(
-            self.parameters(), lr=self.learning_rate(), betas=self.hparams.betas, weight_decay=0.0
+            self.parameters(),
+            lr=self.learning_rate(),
+            betas=self.hparams.betas,
+            weight_decay=0.0,
+            fused=self.device.type == "cuda" and scaler is None,
         )
         total_steps = self.trainer.estimated_stepping_batches
         if not 0 < total_steps < float("inf"):
@@ -272,6 +332,25 @@ class SparseAutoencoder(LightningModule):
             decay_fraction=self.hparams.lr_decay_fraction,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Optimizer,
+        gradient_clip_val: int | float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's ``gradient_clip_val`` clipping, also for fused Adam under ``bf16-mixed``.
+
+        Lightning refuses to clip for any fused optimizer under mixed precision, because a float16
+        loss scaler would leave the gradients scaled; Adam is fused only where no scaler exists
+        (``configure_optimizers``), so the gradients are the true ones and are clipped here.
+        """
+        if not gradient_clip_val or not optimizer.defaults.get("fused"):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        elif gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     def _steps(self, steps_or_fraction: int | float) -> int:
         """A step count given as steps, or as a fraction of the run when below 1."""
@@ -338,6 +417,7 @@ class SparseAutoencoder(LightningModule):
         """A float32 CPU copy in eval mode with every folding applied: unit decoder rows, no
         centering, raw activations in. It makes the same predictions; exports hold it."""
         folded = copy.deepcopy(self).cpu().float().eval()
+        folded.__dict__.pop("forward_pass", None)  # a compiled forward pass (``compile``) belongs to self
         folded.fold_centering_()
         folded.fold_decoder_norms_()
         folded.fold_scales_()

@@ -30,3 +30,7 @@ class SAEOutput:
     """The decoder weight [m, o] (penalties such as AuxK decode with it)."""
     dead: Tensor
     """[m] bool: the features the model's firing counter calls dead (before this batch)."""
+    dead_count: int = -1
+    """How many features ``dead`` holds as last known on the host, without waiting for the device
+    (:meth:`FiringCounter.known_dead_count`; exact on a CPU, a step or two old on a GPU);
+    −1: unknown."""

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from lightning_sae.decoding import decode_selected
 from lightning_sae.encoders import Encoder, JumpReLU
 from lightning_sae.errors import UserError
 from lightning_sae.output import SAEOutput
@@ -150,7 +151,9 @@ class AuxK(Penalty):
     Gao et al. 2024 ("Scaling and evaluating sparse autoencoders", section A.2): gives dead
     latents of TopK/BatchTopK SAEs a gradient. The dead features are those of the model's firing
     counter (``model.dead_after_tokens``); with none dead the term is 0. No host synchronisation:
-    the top-k_aux runs over every feature with the alive ones at −∞, which decode to 0.
+    the search runs over the columns of the D dead features that the host last knew of
+    (``SAEOutput.dead_count``, then a selection of D columns on the device), or over every
+    feature with the alive ones at −∞ when D is unknown or large.
     """
 
     def __init__(self, coefficient: float = 1 / 32, k_aux: int | None = None) -> None:
@@ -168,9 +171,17 @@ class AuxK(Penalty):
             raise UserError(f"AuxK k_aux must be >= 1, got {self.k_aux}")
 
     def forward(self, out: SAEOutput, encoder: Encoder) -> Tensor:
-        dead_pre_acts = out.pre_acts.masked_fill(~out.dead, float("-inf"))
-        top = dead_pre_acts.topk(self.k_aux, dim=-1)
-        aux_features = torch.zeros_like(out.pre_acts).scatter(-1, top.indices, torch.relu(top.values))
+        d_sae = out.pre_acts.shape[-1]
+        if out.dead_count == 0:
+            return out.pre_acts.new_zeros((), dtype=torch.float32)
+        if 0 < out.dead_count <= d_sae // 2:  # search only the columns of the (known) dead features
+            columns = out.dead.to(out.pre_acts.dtype).topk(out.dead_count).indices
+            dead_pre_acts = out.pre_acts[..., columns].masked_fill(~out.dead[columns], float("-inf"))
+        else:
+            columns = None
+            dead_pre_acts = out.pre_acts.masked_fill(~out.dead, float("-inf"))
+        top = dead_pre_acts.topk(min(self.k_aux, dead_pre_acts.shape[-1]), dim=-1)
+        indices = top.indices if columns is None else columns[top.indices]
         residual = (out.target - out.reconstruction).detach()
-        error = (residual - aux_features @ out.W_dec).pow(2).sum(-1).mean()
-        return error * out.dead.any()
+        decoded = decode_selected(torch.relu(top.values), indices, out.W_dec)
+        return (residual - decoded).pow(2).sum(-1).mean() * out.dead.any()

@@ -26,7 +26,8 @@ def fit_args(data: Path, root: Path, *extra: str) -> list[str]:
         "--data.path", str(data), "--data.batch_size", "256", "--data.val_rows", "1024", "--data.buffer_rows", "4096",
         "--model.d_sae", "64", "--model.lr", "3e-3", "--model.penalties.coefficient", "1.0", "--model.target_l0", "2",
         "--trainer.max_steps", "600", "--trainer.val_check_interval", "600",
-        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(root),
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(root),
         "--trainer.default_root_dir", str(root),
         *extra,
     ]

@@ -26,7 +26,7 @@ def test_config_instantiates(config: Path, toy_file: Path, tmp_path: Path) -> No
         ActivationDataModule,
         run=False,
         args=["--config", str(config), "--data.path", str(toy_file), "--data.val_rows", "512",
-              "--trainer.default_root_dir", str(tmp_path), "--model.d_sae", "64"],
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu", "--model.d_sae", "64"],
     )
     assert isinstance(cli.model, SparseAutoencoder)
     assert cli.model.d_in == 16 and cli.model.d_sae == 64

@@ -106,14 +106,14 @@ def test_histogram_goes_to_tensorboard(
 def test_state_round_trips() -> None:
     tracker = DeadFeatureTracker(window_tokens=8)
     model = SparseAutoencoder(d_in=4, d_sae=5)
-    tracker.setup(Trainer(logger=False), model, "fit")
+    tracker.setup(Trainer(logger=False, accelerator="cpu"), model, "fit")
     tracker.window_counts.copy_(torch.tensor([1, 0, 0, 0, 2]))
     tracker.window_rows = 4
     state = tracker.state_dict()
     restored = DeadFeatureTracker(window_tokens=8)
-    restored.setup(Trainer(logger=False), model, "fit")
+    restored.setup(Trainer(logger=False, accelerator="cpu"), model, "fit")
     restored.load_state_dict(state)
-    restored.on_fit_start(Trainer(logger=False), model)
+    restored.on_fit_start(Trainer(logger=False, accelerator="cpu"), model)
     torch.testing.assert_close(restored.feature_density(), torch.tensor([0.25, 0, 0, 0, 0.5], dtype=torch.float64))
 
 

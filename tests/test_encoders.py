@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_sae.encoders import BatchTopK, JumpReLU, ReLU, StepFunction, TopK, rectangle
+from lightning_sae.encoders import BatchTopK, JumpReLU, ReLU, StepFunction, TopK
 from lightning_sae.errors import UserError
 
 EPS = 0.5
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The rectangle kernel K(u) = 1 if -1/2 < u < 1/2 else 0 (JumpReLU paper, eq. 10), written out."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
 def jumprelu_inputs() -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,8 +19,10 @@ def test_counts_rows_since_firing_and_calls_features_dead_after_the_threshold() 
     counter.update(torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
     assert counter.rows_since_fired.tolist() == [2, 5, 0, 5]
     assert counter.dead_mask().tolist() == [False, True, False, True]
+    assert counter.known_dead_count == 2  # read at once on a CPU
     counter.revive_(torch.tensor([3]))
     assert counter.dead_mask().tolist() == [False, True, False, False]
+    assert counter.known_dead_count == -1  # unknown until the next update
 
 
 def test_only_the_counts_are_saved() -> None:
@@ -35,3 +37,17 @@ def test_only_the_counts_are_saved() -> None:
 def test_a_threshold_below_one_row_is_refused() -> None:
     with pytest.raises(UserError, match="dead_after_tokens"):
         FiringCounter(d_sae=3, dead_after_tokens=0)
+
+
+@pytest.mark.cuda
+def test_the_dead_count_reaches_the_host_without_a_synchronisation() -> None:
+    counter = FiringCounter(d_sae=64, dead_after_tokens=4).cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            counter.update(torch.zeros(8, 64, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    counter.update(torch.zeros(8, 64, device="cuda"))
+    assert counter.known_dead_count == 64

@@ -48,7 +48,7 @@ def test_predictions_are_unchanged_and_decoder_rows_unit_norm(name: str, mode: s
     model.train(mode == "train")
     with torch.no_grad():
         before = model(x)
-        DecoderNormFolding().on_fit_end(Trainer(logger=False), model)
+        DecoderNormFolding().on_fit_end(Trainer(logger=False, accelerator="cpu"), model)
         after = model(x)
     assert (after - before).abs().max() <= 1e-5
     torch.testing.assert_close(model.decoder_norms(), torch.ones(48))

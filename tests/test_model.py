@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
+from lightning import Trainer
 
+from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.encoders import BatchTopK, JumpReLU, ReLU, TopK
 from lightning_sae.errors import UserError
 from lightning_sae.model import SparseAutoencoder, instantiate, plugin_spec
@@ -149,3 +152,94 @@ def test_warmups_are_steps_or_fractions_of_the_run() -> None:
     assert model._steps(250) == 250 and model._steps(0.1) == 300 and model._steps(0) == 0
     with pytest.raises(UserError, match=">= 0"):
         model._steps(-1)
+
+
+@pytest.mark.parametrize("d_out", [None, 6])
+def test_sparse_decoding_equals_dense_in_values_and_gradients(d_out: int | None) -> None:
+    models = {}
+    for decoding in ("dense", "sparse"):
+        torch.manual_seed(3)
+        model = SparseAutoencoder(d_in=8, d_sae=64, d_out=d_out, encoder=lambda m: TopK(m, k=4), decoding=decoding)
+        x, y = torch.randn(32, 8), torch.randn(32, d_out or 8)
+        out = model.forward_pass(x, None if d_out is None else y)
+        total, _ = model.loss(out)
+        total.backward()
+        models[decoding] = (out, model)
+    (dense_out, dense), (sparse_out, sparse) = models["dense"], models["sparse"]
+    torch.testing.assert_close(sparse_out.reconstruction, dense_out.reconstruction)
+    torch.testing.assert_close(sparse_out.features, dense_out.features)
+    for name, parameter in dense.named_parameters():
+        torch.testing.assert_close(dict(sparse.named_parameters())[name].grad, parameter.grad, msg=name)
+    torch.testing.assert_close(sparse(x), dense(x))
+
+
+def test_sparse_decoding_needs_an_encoder_that_selects_k_features() -> None:
+    with pytest.raises(UserError, match="decoding='sparse' needs"):
+        SparseAutoencoder(d_in=8, d_sae=64, decoding="sparse")
+
+
+def test_a_compiled_fit_gives_the_uncompiled_results(
+    toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer]
+) -> None:
+    data = toy_data()
+    trained = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = SparseAutoencoder(d_in=16, d_sae=32, encoder=lambda m: TopK(m, k=2), penalties=[AuxK()],
+                                  input_scale=data.input_scale, compile=compiled)
+        callback_trainer(3, []).fit(model, data)
+        trained.append(model)
+    for name, value in trained[0].state_dict().items():
+        torch.testing.assert_close(trained[1].state_dict()[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    x = torch.randn(8, 16)
+    torch.testing.assert_close(trained[1].folded()(x), trained[1](x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradients_of_a_fused_adam_are_clipped(algorithm: str) -> None:
+    model = SparseAutoencoder(d_in=8, d_sae=32)
+    for parameter in model.parameters():
+        parameter.grad = torch.full_like(parameter, 10.0)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    model.configure_gradient_clipping(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)
+    grads = [parameter.grad for parameter in model.parameters()]
+    if algorithm == "norm":
+        assert torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item() == pytest.approx(0.5, rel=1e-4)
+    else:
+        assert max(g.abs().max().item() for g in grads) == 0.5
+
+
+@pytest.mark.cuda
+def test_sparse_and_dense_decoding_agree_on_cuda_in_bf16() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 64, device="cuda")
+    outputs = []
+    for decoding in ("dense", "sparse"):
+        torch.manual_seed(1)
+        model = SparseAutoencoder(d_in=64, d_sae=1024, encoder=lambda m: TopK(m, k=16), decoding=decoding).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model.forward_pass(x)
+            total, _ = model.loss(out)
+        total.backward()
+        outputs.append((out.reconstruction.float(), model.W_dec.grad.clone()))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(outputs[1][1], outputs[0][1], atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.cuda
+def test_a_bf16_mixed_fit_on_cuda_learns(
+    toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer]
+) -> None:
+    data = toy_data()
+    model = SparseAutoencoder(d_in=16, d_sae=64, encoder=lambda m: TopK(m, k=2), penalties=[AuxK()],
+                              input_scale=data.input_scale, lr=3e-3)
+    x = torch.cat([x for x, _ in data.sample_batches(512, seed=1)])
+    with torch.no_grad():
+        before = (model(x) - x).pow(2).sum()
+    trainer = callback_trainer(200, [], accelerator="gpu", precision="bf16-mixed", gradient_clip_val=1.0)
+    trainer.fit(model, data)
+    assert trainer.optimizers[0].defaults["fused"]
+    model = model.cpu().float()
+    with torch.no_grad():
+        after = (model(x) - x).pow(2).sum()
+    assert torch.isfinite(after) and after < 0.5 * before

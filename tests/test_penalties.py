@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -132,6 +134,21 @@ def test_auxk_with_fewer_dead_features_than_k_aux_decodes_only_those() -> None:
     residual = (out.target - out.reconstruction).detach()
     aux = torch.relu(out.pre_acts.detach()[:, 1:2]) @ out.W_dec.detach()[1:2]
     torch.testing.assert_close(penalty(out, encoder), (residual - aux).pow(2).sum(-1).mean())
+
+
+def test_auxk_searching_the_known_dead_columns_equals_searching_every_feature() -> None:
+    encoder = TopK(7, k=2)
+    penalty = AuxK(k_aux=2)
+    penalty.bind(5, 7, encoder)
+    dead = torch.tensor([True, False, False, True, False, True, False])
+    results = []
+    for known in (-1, 3):  # unknown: every column; 3: only the dead ones (3 ≤ m // 2)
+        out = dataclasses.replace(make_output(encoder=encoder, dead=dead), dead_count=known)
+        value = penalty(out, encoder)
+        results.append((value, *torch.autograd.grad(value, (out.pre_acts, out.W_dec))))
+    for searched, full in zip(*results):
+        torch.testing.assert_close(searched, full)
+    assert float(penalty(dataclasses.replace(make_output(encoder=encoder, dead=dead), dead_count=0), encoder)) == 0
 
 
 def test_negative_coefficient_is_refused() -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -59,6 +60,7 @@ def run(
     callback_trainer: Callable[..., Trainer],
     directory: Path,
     ckpt_path: Path | None,
+    **trainer_kwargs: Any,
 ) -> tuple[SparseAutoencoder, Trainer, CountResampled]:
     data = toy_data()
     torch.manual_seed(123 if ckpt_path else 0)  # a resumed run must not depend on its initialisation
@@ -84,7 +86,7 @@ def run(
         count,
         ModelCheckpoint(dirpath=directory, every_n_train_steps=STEPS // 2, save_top_k=-1),
     ]
-    trainer = callback_trainer(STEPS, callbacks, enable_checkpointing=True)
+    trainer = callback_trainer(STEPS, callbacks, enable_checkpointing=True, **trainer_kwargs)
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return model, trainer, count
 
@@ -115,3 +117,15 @@ def test_resumed_run_equals_straight_run(
     assert resumed_trainer.lr_scheduler_configs[0].scheduler.state_dict() == (
         straight_trainer.lr_scheduler_configs[0].scheduler.state_dict()
     )
+
+
+@pytest.mark.cuda
+def test_a_resumed_cuda_run_ends_where_the_straight_run_does(
+    toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer], tmp_path: Path
+) -> None:
+    """On the GPU summation order may differ between runs, so the weights agree closely, not exactly."""
+    straight, _, _ = run(toy_data, callback_trainer, tmp_path / "straight", None, accelerator="gpu")
+    checkpoint = tmp_path / "straight" / f"epoch=0-step={STEPS // 2}.ckpt"
+    resumed, _, _ = run(toy_data, callback_trainer, tmp_path / "resumed", checkpoint, accelerator="gpu")
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, atol=1e-4, rtol=1e-4, msg=name)

@@ -74,7 +74,7 @@ def test_default_warms_every_sparsity_penalty(
 def test_unknown_penalty_and_bad_steps_are_refused() -> None:
     model = SparseAutoencoder(d_in=4, d_sae=8, penalties=[Tanh()])
     with pytest.raises(UserError, match="l1"):
-        SparsityWarmup(penalties=["l1"]).setup(Trainer(logger=False), model, "fit")
+        SparsityWarmup(penalties=["l1"]).setup(Trainer(logger=False, accelerator="cpu"), model, "fit")
     with pytest.raises(UserError, match="positive"):
         SparsityWarmup(steps=0)
 

@@ -192,8 +192,7 @@ class ActivationDataModule(LightningDataModule):
         for x, y in stream:
             if remaining <= 0:
                 return
-            targets = None if y is x else y[:remaining]
-            yield x[:remaining], targets
+            yield x[:remaining], None if y is None else y[:remaining]
             remaining -= len(x)
 
     def setup(self, stage: str) -> None:
@@ -235,10 +234,17 @@ class ActivationDataModule(LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        return StreamLoader(self.train_stream, self.num_workers, before_pass=self._position_train_stream)
+        return StreamLoader(
+            self.train_stream, self.num_workers, self._pin_memory(), before_pass=self._position_train_stream
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return StreamLoader(self.val_stream, self.num_workers)
+        return StreamLoader(self.val_stream, self.num_workers, self._pin_memory())
+
+    def _pin_memory(self) -> bool:
+        """Batches for a CUDA device are put in page-locked memory, so their copy to it is asynchronous
+        (Lightning copies with ``non_blocking``) and overlaps the training step before it."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def _position_train_stream(self, stream: ActivationStream) -> None:
         """Start a pass over the training rows at the trainer's epoch, less what a resumed run consumed.
@@ -274,9 +280,10 @@ class StreamLoader(DataLoader):
         self,
         stream: ActivationStream,
         num_workers: int,
+        pin_memory: bool = False,
         before_pass: Callable[[ActivationStream], None] | None = None,
     ) -> None:
-        super().__init__(stream, batch_size=None, num_workers=num_workers)
+        super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
         self.before_pass = before_pass
 
     def __iter__(self) -> Iterator[Any]:

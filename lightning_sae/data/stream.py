@@ -236,7 +236,7 @@ def byte_ranges(dataset: h5py.Dataset, block: RowBlock) -> Iterator[tuple[int, i
 
 
 class ActivationStream(IterableDataset):
-    """Yields ``(x, y)`` batches (``y is x`` without targets) in the files' stored dtype.
+    """Yields ``(x, y)`` batches (``y`` None without targets) in the files' stored dtype.
 
     The rank and world size are read at construction (after the process group is up, in the
     datamodule's ``setup``), so workers need no process group of their own.
@@ -386,6 +386,5 @@ class ActivationStream(IterableDataset):
         return x, np.empty((rows, self.widths[1]), dtype=self.dtype) if self.with_targets else None
 
     @staticmethod
-    def _tensors(x: np.ndarray, y: np.ndarray | None) -> tuple[Tensor, Tensor]:
-        x_tensor = torch.from_numpy(x)
-        return x_tensor, torch.from_numpy(y) if y is not None else x_tensor
+    def _tensors(x: np.ndarray, y: np.ndarray | None) -> tuple[Tensor, Tensor | None]:
+        return torch.from_numpy(x), None if y is None else torch.from_numpy(y)

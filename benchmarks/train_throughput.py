@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import tempfile
-import os
 import time
 import traceback
 import warnings

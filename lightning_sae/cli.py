@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import jsonargparse
+from lightning import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_sae.callbacks.dead_features import DeadFeatureTracker
 from lightning_sae.callbacks.feature_recovery import FeatureRecovery
+from lightning_sae.callbacks.progress import StepProgressBar
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.errors import UserError
 from lightning_sae.export import export
@@ -59,6 +62,19 @@ class SAECLI(LightningCLI):
         ):
             parser.link_arguments(source, target, apply_on="instantiate")
         parser.add_lightning_class_args(FeatureRecovery, "feature_recovery")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, with :class:`StepProgressBar` as its progress bar unless the config
+        names one or turns the bar off (``trainer.enable_progress_bar: false``)."""
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        defaults = self.trainer_defaults.get("callbacks") or []
+        defaults = defaults if isinstance(defaults, list) else [defaults]
+        named = any(isinstance(callback, ProgressBar) for callback in [*configured, *defaults])
+        if config.get("enable_progress_bar") is not False and not named:
+            config["callbacks"] = [*configured, StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         """Validate the final weights (unless the last step just did), export the SAE to

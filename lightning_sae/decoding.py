@@ -10,7 +10,7 @@ traffic), in the forward and the backward pass. Which is faster depends on k/m a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor

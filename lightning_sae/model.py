@@ -16,7 +16,7 @@ import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning import LightningModule
@@ -483,8 +483,13 @@ def upgrade_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Bring a state dict of an earlier version to this one's keys, in place; returns it.
 
     Before the model owned its firing counter, AuxK kept ``penalties.<i>.tokens_since_fired``:
-    that count becomes ``firing.rows_since_fired`` (zeros when there was none).
+    that count becomes ``firing.rows_since_fired`` (zeros when there was none). Before the L0
+    controller smoothed its L0, it had no ``l0_controller.mean_l0`` and ``slow_mean_l0``: they start
+    unset (−1).
     """
+    if "l0_controller.log_factor" in state:
+        state.setdefault("l0_controller.mean_l0", torch.tensor(-1.0))
+        state.setdefault("l0_controller.slow_mean_l0", torch.tensor(-1.0))
     if "firing.rows_since_fired" not in state:
         old = [key for key in state if key.endswith(".tokens_since_fired")]
         counts = state[old[0]] if old else torch.zeros(state["b_enc"].shape[0], dtype=torch.long)

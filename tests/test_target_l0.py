@@ -12,7 +12,7 @@ from lightning_sae.target_l0 import L0Controller
 
 
 def test_the_factor_grows_while_too_dense_and_shrinks_while_too_sparse() -> None:
-    controller = L0Controller(target=4.0, gain=0.1)
+    controller = L0Controller(target=4.0, gain=0.1, smoothing=(0.0, 0.0))
     assert controller.factor(0, 100).item() == 1.0
     controller.update(torch.tensor(9.0), step=0, total_steps=100)
     assert controller.log_factor.item() == pytest.approx(0.1 * math.log(10 / 5))
@@ -22,15 +22,28 @@ def test_the_factor_grows_while_too_dense_and_shrinks_while_too_sparse() -> None
     assert controller.factor(3, 100).item() == pytest.approx(math.exp(0.1 * (math.log(2) + math.log(2 / 5))))
 
 
+def test_the_factor_holds_while_the_l0_already_moves_towards_the_target() -> None:
+    controller = L0Controller(target=4.0, gain=0.1, smoothing=(0.5, 0.5))
+    controller.update(torch.tensor(20.0), step=0, total_steps=100)  # no trend yet: integrate
+    grown = controller.log_factor.item()
+    assert grown > 0
+    for step, l0 in enumerate([16.0, 12.0, 9.0], start=1):  # too dense, but falling: hold
+        controller.update(torch.tensor(l0), step=step, total_steps=100)
+        assert controller.log_factor.item() == grown
+    controller.update(torch.tensor(14.0), step=4, total_steps=100)  # rising again while too dense
+    assert controller.log_factor.item() > grown
+    assert controller.mean_l0.item() == pytest.approx(0.5 * (0.5 * (0.5 * (0.5 * 20 + 8) + 6) + 4.5) + 7)
+
+
 def test_the_factor_stays_bounded() -> None:
-    controller = L0Controller(target=1.0, gain=1.0, max_log_factor=3.0)
+    controller = L0Controller(target=1.0, gain=1.0, max_log_factor=3.0, smoothing=(0.0, 0.0))
     for step in range(50):
         controller.update(torch.tensor(1000.0), step=step, total_steps=100)
     assert controller.log_factor.item() == pytest.approx(3.0)
 
 
 def test_the_ramp_rises_linearly_while_too_dense_and_hands_over_at_its_end() -> None:
-    controller = L0Controller(target=3.0, warmup_fraction=0.1, gain=0.1)
+    controller = L0Controller(target=3.0, warmup_fraction=0.1, gain=0.1, smoothing=(0.0, 0.0))
     for step in range(10):
         assert controller.factor(step, 100).item() == pytest.approx((step + 1) / 10)
         controller.update(torch.tensor(20.0), step=step, total_steps=100)
@@ -39,7 +52,7 @@ def test_the_ramp_rises_linearly_while_too_dense_and_hands_over_at_its_end() -> 
 
 
 def test_the_ramp_stops_where_the_target_is_reached() -> None:
-    controller = L0Controller(target=3.0, warmup_fraction=0.5, gain=0.1)
+    controller = L0Controller(target=3.0, warmup_fraction=0.5, gain=0.1, smoothing=(0.0, 0.0))
     controller.update(torch.tensor(20.0), step=0, total_steps=100)
     controller.update(torch.tensor(20.0), step=1, total_steps=100)
     controller.update(torch.tensor(2.0), step=2, total_steps=100)  # sparse enough at φ = 3/50
@@ -55,6 +68,7 @@ def test_state_is_saved_with_the_model() -> None:
     restored = L0Controller(target=2.0, warmup_fraction=0.5)
     restored.load_state_dict(controller.state_dict())
     assert restored.log_factor == controller.log_factor and not restored.ramping
+    assert restored.mean_l0 == controller.mean_l0 and restored.slow_mean_l0 == controller.slow_mean_l0
 
 
 def test_bad_targets_are_refused() -> None:

@@ -55,16 +55,13 @@ class FiringCounter(nn.Module):
         self.step_counts.copy_(counts)
         self.step_rows = fired.shape[0] * world_size  # every rank's batch holds the same rows
         self.rows_since_fired.add_(self.step_rows).masked_fill_(counts > 0, 0)
-        self._publish_dead_count()
+        self._dead_count.publish(self.dead_mask().sum())
 
     @property
     def known_dead_count(self) -> int:
         """The number of dead features as last known on the host, without waiting for the device:
         exact on a CPU, a step or two old on a GPU (−1: not known yet)."""
         return self._dead_count.value
-
-    def _publish_dead_count(self) -> None:
-        self._dead_count.publish(self.dead_mask().sum())
 
     def dead_mask(self) -> Tensor:
         """[m] bool: features that fired on none of the last ``dead_after_tokens`` training rows."""

@@ -47,10 +47,10 @@ benchmark: $(BIN)/lightning_sae ## Loader and training throughput (tokens/s of e
 recipe-quality: $(BIN)/lightning_sae ## Every recipe vs a plain loop and SAELens on synthetic sets (hours on 2 cores; ARGS="--sets toy-offset" for one); writes docs/recipe_quality.md
 	cd benchmarks && ../$(BIN)/python recipe_quality.py $(ARGS)
 
-sweep: $(BIN)/lightning_sae data/toy.h5 ## Fit CONFIG once per VALUES of PARAM, e.g. make sweep PARAM=model.d_sae VALUES="256 512"
+sweep: $(BIN)/lightning_sae data/toy.h5 ## Fit CONFIG once per VALUES of PARAM, e.g. make sweep PARAM=model.d_sae VALUES="256 512" [ARGS="--overwrite true"]
 	@test -n "$(PARAM)" -a -n "$(VALUES)" || { echo "usage: make sweep CONFIG=... PARAM=model.x VALUES=\"a b\""; exit 2; }
 	for value in $(VALUES); do \
-	  $(BIN)/lightning_sae fit --config $(CONFIG) --$(PARAM) $$value --trainer.logger.init_args.version "$(PARAM)=$$value" || exit 1; \
+	  $(BIN)/lightning_sae fit --config $(CONFIG) --$(PARAM) $$value --trainer.logger.init_args.version "$(PARAM)=$$value" $(ARGS) || exit 1; \
 	done
 
 clean: ## Remove logs and generated data (keeps .venv)

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from machine import machine
 
@@ -48,7 +47,7 @@ def write_file(path: Path, rows: int, d_in: int, chunk_rows: int, dtype: str) ->
     from lightning_sae.data import format
 
     if path.exists():
-        with h5py.File(path, "r") as file:
+        with format.open_for_reading(path) as file:
             dataset = file.get(format.ACTIVATIONS)
             if dataset is not None and dataset.shape == (rows, d_in) and dataset.dtype == dtype:
                 return
@@ -71,12 +70,12 @@ def drop_from_page_cache(path: Path) -> None:
 def measure_data(case: str, cold: bool, args: argparse.Namespace) -> dict[str, Any]:
     """Time one pass of ``case`` over the file; rows, seconds and peak memory growth."""
     from lightning_sae.data.datamodule import ActivationDataModule
-    from lightning_sae.data.format import ACTIVATIONS
+    from lightning_sae.data.format import ACTIVATIONS, open_for_reading
 
     if cold:
         drop_from_page_cache(args.path)
     if case == "raw":
-        with h5py.File(args.path, "r") as file:
+        with open_for_reading(args.path) as file:
             dataset = file[ACTIVATIONS]
             stop = dataset.shape[0] // args.batch_size * args.batch_size
             before = peak_rss_bytes()

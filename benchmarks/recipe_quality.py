@@ -35,14 +35,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import torch
 from contenders import PLAIN_TOPK, Trained, fit_plain_topk, fit_recipe, fit_saelens, saelens_available
 from machine import machine
 from torch import Tensor
 
 from lightning_sae.callbacks.feature_recovery import RECOVERED_COSINE, max_cosine_similarities
-from lightning_sae.data.format import ACTIVATIONS, GROUND_TRUTH
+from lightning_sae.data.format import ACTIVATIONS, GROUND_TRUTH, open_for_reading
 from lightning_sae.data.synth import synth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +119,7 @@ class Score:
 
 def held_out_rows(path: Path) -> tuple[Tensor, Tensor]:
     """The file's last VAL_ROWS rows (the rows every contender holds out) and its true features."""
-    with h5py.File(path, "r") as file:
+    with open_for_reading(path) as file:
         rows = torch.from_numpy(file[ACTIVATIONS][-VAL_ROWS:]).float()
         return rows, torch.from_numpy(file[GROUND_TRUTH]["features"][()])
 

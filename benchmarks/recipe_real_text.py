@@ -28,12 +28,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import h5py
 import torch
 from contenders import PLAIN_TOPK, Trained, fit_plain_topk, fit_recipe, fit_saelens, saelens_available
 from machine import machine
 
-from lightning_sae.data.format import ACTIVATIONS, read_info
+from lightning_sae.data.format import ACTIVATIONS, open_for_reading, read_info
 from lightning_sae.export import export
 from lightning_sae.lm.evaluate import evaluate
 
@@ -51,7 +50,7 @@ def downstream(trained: Trained, data: Path, text: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as directory:
         export(trained.model, Path(directory) / "sae", source=info.attrs)
         result = evaluate(sae=Path(directory) / "sae", text=text, data=data, max_tokens=EVAL_WINDOWS * context_length)
-    with h5py.File(data, "r") as file:
+    with open_for_reading(data) as file:
         held_out = torch.from_numpy(file[ACTIVATIONS][-VAL_ROWS:]).float()
     with torch.no_grad():
         active = trained.model.encode(held_out) > 0

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from lightning_sae.encoders import Encoder, JumpReLU, ReLU, TopK
 from lightning_sae.errors import UserError
-from lightning_sae.model import SparseAutoencoder
+from lightning_sae.files import directory_written_atomically
+from lightning_sae.model import SparseAutoencoder, first_non_finite
 
 SAELENS_VERSION = "6.0.0"
 """The SAELens major version whose layout the export follows."""
@@ -51,7 +52,7 @@ ENCODERS = {"standard": ReLU, "jumprelu": JumpReLU, "topk": TopK}
 
 
 def saelens_weights(folded: SparseAutoencoder) -> dict[str, Tensor]:
-    """The tensors of ``sae_weights.safetensors`` from a folded model."""
+    """The tensors of ``sae_weights.safetensors`` from a folded model; refused when one holds NaN or Inf."""
     weights = {
         "W_enc": folded.W_enc,
         "b_enc": folded.b_enc,
@@ -60,6 +61,9 @@ def saelens_weights(folded: SparseAutoencoder) -> dict[str, Tensor]:
     }
     if folded.encoder.saelens_architecture == "jumprelu":
         weights["threshold"] = folded.encoder.threshold(folded.decoder_norms())
+    non_finite = first_non_finite(weights.items())
+    if non_finite is not None:
+        raise UserError(f"the SAE's {non_finite} holds NaN or Inf (training diverged): it is not exported")
     return {name: tensor.detach().contiguous().clone() for name, tensor in weights.items()}
 
 
@@ -118,16 +122,31 @@ def export(
     out: str | Path,
     source: dict[str, Any] | None = None,
     log10_feature_density: Tensor | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` to directory ``out`` in SAELens' layout; returns ``out``."""
+    """Write ``model`` to directory ``out`` in SAELens' layout; returns ``out``.
+
+    The directory is written whole (a temporary directory beside it, renamed into place), so no
+    file of an earlier export survives beside the new ones and a failed write leaves ``out`` as it
+    was. An existing export is replaced only with ``overwrite``, an empty directory in any case,
+    and a directory holding anything but an export never.
+
+    Raises:
+        UserError: ``out`` exists and may not be replaced.
+        OSError: the files cannot be written (disk full, read-only folder).
+    """
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise UserError(f"{out} is a folder with other files than an SAE export ({CONFIG_FILE} missing): give a new --out")
     config = saelens_config(model, source)
     folded = model.folded()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(saelens_weights(folded), out / WEIGHTS_FILE)
-    if log10_feature_density is not None:
-        save_file({"sparsity": log10_feature_density.detach().float().cpu().contiguous()}, out / SPARSITY_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    empty = out.is_dir() and not any(out.iterdir())
+    with directory_written_atomically(out, overwrite=overwrite or empty) as directory:
+        save_file(saelens_weights(folded), directory / WEIGHTS_FILE)
+        if log10_feature_density is not None:
+            sparsity = log10_feature_density.detach().float().cpu().contiguous()
+            save_file({"sparsity": sparsity}, directory / SPARSITY_FILE)
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -214,7 +233,8 @@ def _is_json(value: Any) -> bool:
 
 
 def _read_weights(path: Path, names: tuple[str, ...]) -> dict[str, Tensor]:
-    """The named float32 tensors of an SAE weights file; raises ``UserError`` when one is missing."""
+    """The named float32 tensors of an SAE weights file; raises ``UserError`` when one is missing or
+    holds NaN or Inf (an SAE computing NaN would only be evaluated or used as NaN)."""
     if not path.is_file():
         raise UserError(f"{path.parent} is not an SAE export: {path.name} not found")
     try:
@@ -224,6 +244,9 @@ def _read_weights(path: Path, names: tuple[str, ...]) -> dict[str, Tensor]:
     missing = [name for name in names if name not in tensors]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(tensors))})")
+    non_finite = first_non_finite((name, tensors[name]) for name in names)
+    if non_finite is not None:
+        raise UserError(f"{path} holds NaN or Inf in {non_finite}: it is corrupt; export the SAE again")
     return {name: tensors[name].float() for name in names}
 
 

@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from lightning import LightningModule
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_sae.checkpoint_io import read_checkpoint
 from lightning_sae.decoding import Decoding, gather_decode, gathers
 from lightning_sae.encoders import Encoder, ReLU
 from lightning_sae.errors import UserError
@@ -425,12 +426,21 @@ class SparseAutoencoder(LightningModule):
 
     # ----------------------------------------------------------- persistence
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Describe the plugins; refuse to write weights or optimizer state holding NaN or Inf."""
+        name = first_non_finite(self.checkpoint_tensors(checkpoint))
+        if name is not None:
+            raise UserError(
+                f"{name} holds NaN or Inf at step {self.global_step}: training diverged, so no checkpoint is "
+                "written (lower the learning rate or check the data)"
+            )
         checkpoint["plugins"] = {
             "encoder": plugin_spec(self.encoder, skip=("d_sae",)),
             "penalties": [plugin_spec(penalty) for penalty in self.penalties],
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning's restore (``--ckpt_path``): upgrade an earlier version's state, and refuse a
+        checkpoint of another size or one whose weights or optimizer state hold NaN or Inf."""
         upgrade_state_dict(checkpoint["state_dict"])
         stored = checkpoint["state_dict"]["W_enc"].shape
         if tuple(stored) != tuple(self.W_enc.shape):
@@ -438,14 +448,28 @@ class SparseAutoencoder(LightningModule):
                 f"checkpoint has d_in={stored[0]}, d_sae={stored[1]} but this run has "
                 f"d_in={self.d_in}, d_sae={self.d_sae}: is it the same data file and config?"
             )
+        trainer = self._trainer
+        where = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "the checkpoint"
+        check_finite(self.checkpoint_tensors(checkpoint), where)
+
+    def checkpoint_tensors(self, checkpoint: dict[str, Any]) -> Iterator[tuple[str, Tensor]]:
+        """The weights (by state-dict key) and the optimizer state of a Lightning checkpoint, each with
+        its name in messages, e.g. "the optimizer state of W_enc (exp_avg)"."""
+        yield from checkpoint["state_dict"].items()
+        names = [name for name, _ in self.named_parameters()]  # the optimizer's parameters, in order
+        for optimizer_state in checkpoint.get("optimizer_states", []):
+            indices = [index for group in optimizer_state["param_groups"] for index in group["params"]]
+            owners = dict(zip(indices, names))
+            for index, state in optimizer_state["state"].items():
+                owner = owners.get(index, f"parameter {index}")
+                for key, value in state.items():
+                    if isinstance(value, Tensor):
+                        yield f"the optimizer state of {owner} ({key})", value
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> SparseAutoencoder:
         """Rebuild a model, plugins included, from a Lightning checkpoint written by ``fit``."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"checkpoint not found: {path}")
-        return cls.from_checkpoint_dict(torch.load(path, map_location="cpu", weights_only=True), str(path))
+        return cls.from_checkpoint_dict(read_checkpoint(path), str(path))
 
     @classmethod
     def from_checkpoint_dict(cls, checkpoint: dict[str, Any], where: str = "the checkpoint") -> SparseAutoencoder:
@@ -453,6 +477,7 @@ class SparseAutoencoder(LightningModule):
         if "plugins" not in checkpoint:
             raise UserError(f"{where} is not a lightning_sae checkpoint (no plugin description)")
         upgrade_checkpoint(checkpoint)
+        check_finite(checkpoint["state_dict"].items(), where)
         encoder_spec = checkpoint["plugins"]["encoder"]
         encoder_cls = _import(encoder_spec["class_path"])
         accepted = inspect.signature(cls.__init__).parameters
@@ -464,6 +489,25 @@ class SparseAutoencoder(LightningModule):
         )
         model.load_state_dict(checkpoint["state_dict"])
         return model
+
+
+def first_non_finite(tensors: Iterable[tuple[str, Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or Inf, else None (a host sync per tensor)."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            return name
+    return None
+
+
+def check_finite(tensors: Iterable[tuple[str, Tensor]], where: str) -> None:
+    """Refuse a loaded checkpoint holding NaN or Inf: ``fit`` no longer writes one (``on_save_checkpoint``),
+    so its bytes were damaged or an older version saved a diverged run; resuming or exporting it would
+    train on or ship NaN."""
+    name = first_non_finite(tensors)
+    if name is not None:
+        raise UserError(
+            f"{where} holds NaN or Inf in {name}: it is corrupt (or from a diverged run); use an earlier checkpoint"
+        )
 
 
 def upgrade_checkpoint(checkpoint: dict[str, Any]) -> None:

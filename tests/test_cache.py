@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from faults import run_cli_on_a_full_disk
+from tiny_lm import BOS, EOS, SPECIALS, tiny_llama, word_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from lightning_sae.data import format as fmt
 from lightning_sae.errors import UserError
 from lightning_sae.lm.cache import cache
-from tiny_lm import BOS, EOS, SPECIALS, tiny_llama, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)]
 N_LAYERS = 3
@@ -403,3 +404,43 @@ cache(output={str(tmp_path / "part.h5")!r}, batch_size=2, device="cpu", **{reque
     part = _read(tmp_path / "part.h5")
     np.testing.assert_array_equal(part["activations"], whole["activations"])
     np.testing.assert_array_equal(part["token_ids"], whole["token_ids"])
+
+
+def test_a_file_another_run_writes_is_neither_replaced_nor_resumed(
+    model_dir: Path, text_dir: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "a.h5"
+    _run(model_dir, text_dir / "doc0.txt", path)
+    before = _read(path)
+    writer = fmt.open_for_writing(path)  # another cache run, still going
+    try:
+        for request in ({"overwrite": True}, {"resume": True}, {}):
+            with pytest.raises(UserError, match="in use by another process") as error:
+                _run(model_dir, text_dir / "doc*.txt", path, **request)
+            assert "--overwrite" not in str(error.value)
+    finally:
+        writer.close()
+    after = _read(path)
+    for name in before:
+        if name != "attrs":
+            np.testing.assert_array_equal(after[name], before[name])
+
+
+def test_a_full_disk_ends_cache_with_one_line_and_resume_completes_the_file(
+    model_dir: Path, text_dir: Path, tmp_path: Path
+) -> None:
+    request = ["--model", str(model_dir), "--text", str(text_dir / "doc*.txt"), "--layer", "1",
+               "--context_length", str(CONTEXT), "--batch_size", "2", "--device", "cpu", "--output", "part.h5"]
+    done = run_cli_on_a_full_disk(["cache", *request], 12_000, tmp_path)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()[-1:]
+    assert line.startswith("lightning_sae: error: no space left on the disk while writing part.h5")
+    assert "Traceback" not in done.stderr
+    _run(model_dir, text_dir / "doc*.txt", tmp_path / "whole.h5")
+    whole = _read(tmp_path / "whole.h5")
+    assert _read(tmp_path / "part.h5")["attrs"][fmt.COMMITTED_ROWS] < len(whole["activations"])
+    _run(model_dir, text_dir / "doc*.txt", tmp_path / "part.h5", resume=True)
+    resumed = _read(tmp_path / "part.h5")
+    for name in whole:
+        if name != "attrs":
+            np.testing.assert_array_equal(resumed[name], whole[name])

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +105,15 @@ def test_a_file_written_by_plain_h5py_trains(tmp_path: Path, write_raw) -> None:
     assert config["d_in"] == 16
 
 
-def expect_user_error(args: list[str], capsys: pytest.CaptureFixture[str], message: str) -> None:
+def expect_user_error(args: list[str], capsys: pytest.CaptureFixture[str], message: str) -> str:
+    """Run ``args``: exit status 2, no traceback, one error line holding ``message``; returns that line."""
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("lightning_sae: error: ")]
+    return line
 
 
 def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -176,3 +184,167 @@ def test_a_plugin_without_a_saelens_form_trains_and_says_why_there_is_no_export(
     assert not (run / "sae").exists()
     model = SparseAutoencoder.from_checkpoint(run / "checkpoints" / "final.ckpt")
     assert type(model.encoder).__name__ == "SoftplusGate"
+
+
+# ------------------------------------------------------------------- never lose or corrupt a file
+def short_fit_args(data: Path, root: Path, *extra: str) -> list[str]:
+    """:func:`fit_args` for 20 steps, validated and checkpointed at the last."""
+    return fit_args(data, root, "--trainer.max_steps", "20", "--trainer.val_check_interval", "20", *extra)
+
+
+def contents(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (hidden ones included), by relative path."""
+    return {str(path.relative_to(directory)): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
+def test_a_run_from_a_checkpoint_refuses_model_arguments_other_than_the_checkpoints(
+    fitted: Path, toy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (checkpoint,) = (fitted / "checkpoints").glob("*.ckpt")
+    args = [*fit_args(toy_file, tmp_path), "--ckpt_path", str(checkpoint), "--model.lr", "0.5", "--model.d_sae", "128"]
+    line = expect_user_error(args, capsys, f"{checkpoint} was trained with other model arguments: ")
+    assert "d_sae=64 (given 128); lr=0.003 (given 0.5)." in line
+    assert not (tmp_path / "relu-l1").exists(), "nothing is written"
+
+
+def test_a_fit_into_a_used_logger_version_is_refused_unless_overwrite_replaces_it(
+    toy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version = ["--trainer.logger.init_args.version", "model.d_sae=64"]
+    main(short_fit_args(toy_file, tmp_path, *version))
+    run = tmp_path / "relu-l1" / "model.d_sae=64"
+    before = contents(run)
+    again = short_fit_args(toy_file, tmp_path, *version, "--model.d_sae", "32")
+    expect_user_error(again, capsys, f"{run} holds another run (its logger version was used before)")
+    assert contents(run) == before, "the first run's config, hparams, events and export are untouched"
+    main([*again, "--overwrite", "true"])
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1, "the old run's events are gone, not mixed in"
+    assert json.loads((run / "sae" / "cfg.json").read_text())["d_sae"] == 32
+    config = (run / "config.yaml").read_text()
+    assert "d_sae: 32" in config and "overwrite: false" in config, "running config.yaml again replaces nothing"
+
+
+def test_a_fit_from_a_checkpoint_of_its_run_continues_in_its_directory(
+    toy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version = ["--trainer.logger.init_args.version", "v"]
+    main(short_fit_args(toy_file, tmp_path, *version))
+    run = tmp_path / "relu-l1" / "v"
+    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    resumed = [*version, "--ckpt_path", str(checkpoint), "--trainer.max_steps", "40"]
+    expect_user_error([*short_fit_args(toy_file, tmp_path, *resumed), "--overwrite", "true"], capsys, "would delete")
+    main([*short_fit_args(toy_file, tmp_path, *resumed), "--model.penalties.coefficient", "2.0"])
+    from lightning_sae.checkpoint_io import read_checkpoint
+
+    last = read_checkpoint(run / "checkpoints" / "epoch=1-step=40.ckpt")
+    assert last["plugins"]["penalties"][0]["init_args"]["coefficient"] == 2.0, "a penalty's coefficient applies as given"
+    assert "coefficient: 2.0" in (run / "config.yaml").read_text()
+    assert (run / "sae" / "cfg.json").is_file() and len(list(run.glob("events.out.tfevents.*"))) == 2
+
+
+def test_export_refuses_an_existing_export_and_overwrite_replaces_it_whole(
+    fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_sae.export import export, load_export
+
+    out = export(SparseAutoencoder(d_in=16, d_sae=128), tmp_path / "sae", log10_feature_density=torch.full((128,), -2.0))
+    (checkpoint,) = (fitted / "checkpoints").glob("*.ckpt")
+    command = ["export", "--ckpt", str(checkpoint), "--out", str(out)]
+    expect_user_error(command, capsys, f"{out} exists; pass --overwrite true to replace it")
+    assert load_file(out / "sparsity.safetensors")["sparsity"].shape == (128,)
+    main([*command, "--overwrite", "true"])
+    assert not (out / "sparsity.safetensors").exists(), "no file of the earlier export is left beside the new one"
+    assert load_export(out).d_sae == 64
+
+
+def test_a_full_disk_during_fit_is_one_line_and_leaves_no_partial_checkpoint(toy_file: Path, tmp_path: Path) -> None:
+    from faults import run_cli_on_a_full_disk
+
+    # the checkpoint of d_sae 2048 (weights and Adam's state) is 768 KiB; the logs and config are smaller
+    result = run_cli_on_a_full_disk(short_fit_args(toy_file, tmp_path, "--model.d_sae", "2048"), 256 * 1024, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("lightning_sae: error: ")]
+    assert "cannot write the checkpoint" in line and "File too large" in line
+    (run,) = (tmp_path / "relu-l1").iterdir()
+    names = [path.name for path in run.rglob("*")]
+    assert not [name for name in names if name.endswith(".ckpt") or name.startswith(".")], names
+    assert not (run / "sae").exists()
+
+
+def test_a_full_disk_at_the_fit_end_export_is_one_line_and_leaves_no_export(
+    toy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lightning_sae.export.save_file", full)
+    line = expect_user_error(short_fit_args(toy_file, tmp_path), capsys, "cannot write the export")
+    (run,) = (tmp_path / "relu-l1").iterdir()
+    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    assert f"lightning_sae export --ckpt {checkpoint} --out {run / 'sae'}" in line
+    assert not (run / "sae").exists() and not [path for path in run.iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "garbage"])
+@pytest.mark.parametrize("command", ["export", "fit", "validate"])
+def test_a_bad_checkpoint_is_one_line(
+    command: str, kind: str, fitted: Path, toy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (checkpoint,) = (fitted / "checkpoints").glob("*.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    if kind == "truncated":
+        bad.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    elif kind == "garbage":
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    args = {
+        "export": ["export", "--ckpt", str(bad), "--out", str(tmp_path / "sae")],
+        "fit": [*fit_args(toy_file, tmp_path), "--ckpt_path", str(bad)],
+        "validate": ["validate", *fit_args(toy_file, tmp_path)[1:], "--ckpt_path", str(bad)],
+    }[command]
+    message = "checkpoint not found" if kind == "missing" else f"cannot read the checkpoint {bad}"
+    expect_user_error(args, capsys, message)
+    assert sorted(path.name for path in tmp_path.iterdir()) == (["bad.ckpt"] if kind != "missing" else [])
+
+
+def test_a_read_only_output_folder_is_one_line(
+    fitted: Path, toy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    mkdir = os.mkdir
+
+    def refuse_inside(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).is_relative_to(read_only):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse_inside)  # as a read-only folder does, even for root
+    expect_user_error(fit_args(toy_file, read_only), capsys, "cannot create the run directory")
+    (checkpoint,) = (fitted / "checkpoints").glob("*.ckpt")
+    out = read_only / "sae"
+    expect_user_error(["export", "--ckpt", str(checkpoint), "--out", str(out)], capsys, f"cannot write {out}: Permission denied")
+
+
+@contextmanager
+def address_space_limit(headroom: int) -> Iterator[None]:
+    """Allocations beyond ``headroom`` more bytes of address space fail, as on a machine without the memory."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    (size,) = [int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize")]
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size + headroom, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_an_sae_too_large_for_the_memory_is_one_line_and_leaves_no_run_directory(
+    toy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with address_space_limit(512 << 20):
+        expect_user_error(
+            [*fit_args(toy_file, tmp_path), "--model.d_sae", "200000000"],
+            capsys,
+            "cannot allocate the SAE's weights: d_sae=200000000 needs 25.6 GB for W_enc and W_dec",
+        )
+    assert not (tmp_path / "relu-l1").exists()

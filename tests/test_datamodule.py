@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,19 @@ def test_without_targets_the_target_scale_is_none(id_file: Callable[..., Path]) 
     datamodule = ActivationDataModule(str(id_file("a.h5", 64)), val_rows=8)
     assert (datamodule.d_out, datamodule.target_scale) == (None, None)
     assert datamodule.scales[1] == datamodule.input_scale
+
+
+def test_constant_rows_are_refused_since_an_sae_cannot_learn_them_nor_its_fvu_be_defined(
+    tmp_path: Path, write_raw: Callable[..., Path]
+) -> None:
+    row = np.array([0.5, -1.0, 2.0, 0.25], np.float32)
+    constant = write_raw(tmp_path / "constant.h5", activations=np.tile(row, (256, 1)))
+    with pytest.raises(UserError, match="the 224 'activations' rows sampled are all identical"):
+        _ = ActivationDataModule(str(constant), val_rows=32).scales
+    x = np.random.default_rng(0).standard_normal((256, 4)).astype(np.float32)
+    constant_targets = write_raw(tmp_path / "targets.h5", activations=x, targets=np.tile(row[:3], (256, 1)))
+    with pytest.raises(UserError, match="'targets' rows sampled are all identical"):
+        _ = ActivationDataModule(str(constant_targets), val_rows=32).scales
 
 
 def corrupt_chunk(path: Path) -> None:
@@ -247,3 +262,33 @@ def test_a_checkpoint_from_another_data_layout_restarts_its_epoch(id_file: Calla
         resumed, _ = train(path, tmp_path / "resumed", 12, 0, ckpt_path=tmp_path / "two_workers/steps/step=7.ckpt")
     single, _ = train(path, tmp_path / "single", 5, 0)
     assert resumed.ids == single.ids
+
+
+STILL_CACHING = """
+import sys, time
+import numpy as np
+from lightning_sae.data import format
+file = format.create(sys.argv[1], d_in=8, chunk_rows=256)
+format.append(file, np.arange(2048 * 8, dtype=np.float32).reshape(2048, 8))
+file[format.ACTIVATIONS].resize(4096, axis=0)  # the next batch, written but not yet committed
+file[format.ACTIVATIONS][2048:] = np.nan
+file.flush()
+print("committed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_file_still_being_cached_trains_on_its_committed_rows(tmp_path: Path) -> None:
+    path = tmp_path / "caching.h5"
+    writer = subprocess.Popen([sys.executable, "-c", STILL_CACHING, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == b"committed"
+        data = ActivationDataModule(str(path), batch_size=256, val_rows=256, buffer_rows=1024)
+        model = SparseAutoencoder(d_in=data.d_in, d_sae=16, input_scale=data.input_scale)
+        Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False).fit(model, datamodule=data)
+        assert data.infos[0].n_rows == 2048
+        assert torch.isfinite(model.W_enc).all()
+    finally:
+        writer.kill()
+        writer.wait()

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 from lightning import Trainer
+from safetensors.torch import load_file, save_file
+from test_cli import expect_user_error
+from tiny_lm import BOS, EOS, tiny_llama, word_tokenizer
 from transformers import LlamaForCausalLM
 
 from lightning_sae.callbacks.downstream_eval import LOGGED, DownstreamEval
@@ -22,7 +25,6 @@ from lightning_sae.export import export
 from lightning_sae.lm.cache import cache
 from lightning_sae.lm.evaluate import evaluate, kl_divergence
 from lightning_sae.model import SparseAutoencoder
-from tiny_lm import BOS, EOS, tiny_llama, word_tokenizer
 
 D_MODEL, N_LAYERS, LAYER, CONTEXT = 32, 3, 1, 16
 WORDS = [f"w{i}" for i in range(97)]
@@ -206,6 +208,23 @@ def test_bad_inputs_are_user_errors(model_dir: Path, text_file: Path, data_file:
         run(no_source, text_file, model_dir, layer=5, site="resid_post")
 
 
+def test_an_sae_holding_nan_is_refused_not_evaluated_to_nan(
+    text_file: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sae = export(identity_sae(), tmp_path / "sae")
+    weights = load_file(sae / "sae_weights.safetensors")
+    weights["W_dec"][5, 7] = float("nan")
+    save_file(weights, sae / "sae_weights.safetensors")
+    checkpoint = write_checkpoint(identity_sae(), tmp_path / "sae.ckpt", {})
+    state = torch.load(checkpoint, weights_only=True)
+    state["state_dict"]["W_dec"][5, 7] = float("nan")
+    torch.save(state, checkpoint)
+    args = ["--text", str(text_file), "--data", str(data_file), "--device", "cpu", "--context_length", str(CONTEXT)]
+    message = f"{sae / 'sae_weights.safetensors'} holds NaN or Inf in W_dec: it is corrupt"
+    expect_user_error(["evaluate", "--sae", str(sae), *args], capsys, message)
+    expect_user_error(["evaluate", "--sae", str(checkpoint), *args], capsys, f"{checkpoint} holds NaN or Inf in W_dec")
+
+
 def test_downstream_eval_callback_logs_during_training(text_file: Path, data_file: Path, tmp_path: Path) -> None:
     data = ActivationDataModule(str(data_file), batch_size=16, val_rows=32, buffer_rows=64, scale_sample_rows=64)
     model = SparseAutoencoder(d_in=D_MODEL, d_sae=64, input_scale=data.input_scale)
@@ -227,3 +246,28 @@ def test_downstream_eval_callback_logs_during_training(text_file: Path, data_fil
     exported = export(model, tmp_path / "sae")
     reference = run(exported, text_file, data=data_file, max_tokens=4 * CONTEXT)
     assert logged["kl_sae"] == pytest.approx(reference["kl_sae"], rel=1e-4)
+
+
+def test_an_existing_json_file_is_refused_before_anything_is_computed_unless_overwrite(
+    text_file: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sae = export(identity_sae(), tmp_path / "sae")
+    results = tmp_path / "r.json"
+    results.write_text("earlier results\n")
+    args = ["evaluate", "--sae", str(sae), "--text", str(text_file), "--data", str(data_file), "--device", "cpu"]
+    args += ["--context_length", str(CONTEXT), "--max_tokens", str(4 * CONTEXT), "--json", str(results)]
+    expect_user_error(args, capsys, f"{results} exists; pass --overwrite true to replace it")
+    assert results.read_text() == "earlier results\n"
+    main([*args, "--overwrite", "true"])
+    assert json.loads(results.read_text())["site"] == "resid_post"
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+def test_a_bad_checkpoint_is_one_line(
+    kind: str, text_file: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = write_checkpoint(identity_sae(), tmp_path / "sae.ckpt", {})
+    whole = checkpoint.read_bytes()
+    checkpoint.write_bytes(whole[: len(whole) // 2] if kind == "truncated" else np.random.default_rng(0).bytes(4096))
+    args = ["evaluate", "--sae", str(checkpoint), "--text", str(text_file), "--data", str(data_file), "--device", "cpu"]
+    expect_user_error(args, capsys, f"cannot read the checkpoint {checkpoint}")

@@ -181,6 +181,21 @@ def test_load_export_errors(tmp_path: Path) -> None:
         load_export(out)
 
 
+def test_weights_holding_nan_or_inf_are_neither_exported_nor_loaded(tmp_path: Path) -> None:
+    diverged = trained_like("jumprelu", None)
+    with torch.no_grad():
+        diverged.W_enc[0, 0] = float("nan")
+    with pytest.raises(UserError, match="the SAE's W_enc holds NaN or Inf"):
+        export(diverged, tmp_path / "diverged")
+    assert not (tmp_path / "diverged" / "sae_weights.safetensors").exists()
+    out = export(trained_like("jumprelu", None), tmp_path / "sae")
+    weights = load_file(out / "sae_weights.safetensors")
+    weights["threshold"][3] = float("inf")
+    save_file(weights, out / "sae_weights.safetensors")
+    with pytest.raises(UserError, match="sae_weights.safetensors holds NaN or Inf in threshold: it is corrupt"):
+        load_export(out)
+
+
 def test_an_encoder_without_a_saelens_form_is_refused_not_mislabelled(readme_plugins: Any, tmp_path: Path) -> None:
     model = SparseAutoencoder(d_in=D_IN, d_sae=D_SAE, encoder=readme_plugins.SoftplusGate)
     with pytest.raises(UserError, match="SoftplusGate has no SAELens architecture"):
@@ -196,3 +211,34 @@ def test_a_topk_ranking_h_alone_with_non_unit_decoder_rows_is_refused(tmp_path: 
     save_file(weights, tmp_path / "sae_weights.safetensors")
     with pytest.raises(UserError, match="would select other features"):
         load_export(tmp_path)
+
+
+def test_an_export_replaces_an_earlier_one_whole_and_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    wider = SparseAutoencoder(d_in=D_IN, d_sae=2 * D_SAE)
+    out = export(wider, tmp_path / "sae", log10_feature_density=torch.full((2 * D_SAE,), -2.0))
+    with pytest.raises(UserError, match="exists; pass --overwrite true to replace it"):
+        export(trained_like("relu", None), out)
+    assert load_file(out / "sparsity.safetensors")["sparsity"].shape == (2 * D_SAE,)
+    export(trained_like("relu", None), out, overwrite=True)
+    assert not (out / "sparsity.safetensors").exists(), "no file of the earlier export is left beside the new one"
+    assert load_export(out).d_sae == D_SAE
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lightning_sae.export.save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        export(wider, out, overwrite=True)
+    assert load_export(out).d_sae == D_SAE, "a failed write leaves the export as it was"
+    assert [path.name for path in tmp_path.iterdir()] == ["sae"], "and no temporary directory"
+
+
+def test_a_folder_that_is_not_an_export_is_never_replaced(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="with other files than an SAE export"):
+        export(trained_like("relu", None), tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from lightning import Trainer
+from test_cli import expect_user_error, fit_args
 
+from lightning_sae.cli import main
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.encoders import BatchTopK, JumpReLU, ReLU, TopK
 from lightning_sae.errors import UserError
@@ -155,6 +158,54 @@ def test_checkpoints_of_a_controller_without_a_smoothed_l0_load() -> None:
     checkpoint = {"state_dict": state, "hyper_parameters": hyper_parameters, "plugins": plugins}
     restored = SparseAutoencoder.from_checkpoint_dict(checkpoint)
     assert restored.l0_controller.log_factor.item() == 0.5 and restored.l0_controller.mean_l0.item() == -1
+
+
+def test_a_model_holding_nan_or_inf_is_not_checkpointed() -> None:
+    model = SparseAutoencoder(d_in=8, d_sae=16)
+    with torch.no_grad():
+        model.b_dec[2] = float("inf")
+    with pytest.raises(UserError, match="b_dec holds NaN or Inf at step 0: training diverged"):
+        model.on_save_checkpoint({"state_dict": model.state_dict()})
+
+
+@pytest.fixture(scope="module")
+def short_fit(toy_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
+    """The arguments of a 20-step command-line fit on the toy file, and its checkpoint."""
+    root = tmp_path_factory.mktemp("short_fit")
+    args = [*fit_args(toy_file, root), "--trainer.max_steps", "20", "--trainer.val_check_interval", "20"]
+    main(args)
+    (checkpoint,) = root.glob("relu-l1/*/checkpoints/*.ckpt")
+    return args, checkpoint
+
+
+def test_a_checkpoint_with_bytes_overwritten_in_W_enc_is_neither_exported_nor_resumed(
+    short_fit: tuple[list[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args, checkpoint = short_fit
+    data = checkpoint.read_bytes()
+    offset = data.find(torch.load(checkpoint, weights_only=True)["state_dict"]["W_enc"].numpy().tobytes())
+    assert offset > 0
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(data[:offset] + b"\xff" * 8 + data[offset + 8 :])  # W_enc[0, :2] = NaN
+    message = f"{damaged} holds NaN or Inf in W_enc: it is corrupt"
+    expect_user_error(["export", "--ckpt", str(damaged), "--out", str(tmp_path / "sae")], capsys, message)
+    assert not (tmp_path / "sae").exists()
+    expect_user_error([*args, "--ckpt_path", str(damaged), "--trainer.max_steps", "40"], capsys, message)
+
+
+def test_a_checkpoint_with_nan_in_the_adam_state_is_not_resumed_but_its_weights_export(
+    short_fit: tuple[list[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args, checkpoint = short_fit
+    state = torch.load(checkpoint, weights_only=True)
+    names = [name for name, _ in SparseAutoencoder.from_checkpoint(checkpoint).named_parameters()]
+    state["optimizer_states"][0]["state"][names.index("W_enc")]["exp_avg"][0, 0] = float("nan")
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save(state, damaged)
+    message = f"{damaged} holds NaN or Inf in the optimizer state of W_enc (exp_avg): it is corrupt"
+    expect_user_error([*args, "--ckpt_path", str(damaged), "--trainer.max_steps", "40"], capsys, message)
+    main(["export", "--ckpt", str(damaged), "--out", str(tmp_path / "sae")])
+    assert (tmp_path / "sae" / "sae_weights.safetensors").is_file()
 
 
 def test_warmups_are_steps_or_fractions_of_the_run() -> None:

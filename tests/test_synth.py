@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from faults import run_cli_on_a_full_disk
 
+from lightning_sae.cli import main
 from lightning_sae.data import format
+from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.data.synth import firing_probabilities, synth
 from lightning_sae.errors import UserError
 
@@ -62,3 +69,50 @@ def test_offset_and_magnitudes(tmp_path: Path) -> None:
 def test_bad_magnitudes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="magnitude"):
         synth(out=tmp_path / "t.h5", n_rows=10, d_in=4, n_features=8, mean_active=1.0, min_magnitude=2.0, max_magnitude=1.0)
+
+
+def _rows(path: Path) -> np.ndarray:
+    with h5py.File(path, "r", locking=False) as file:
+        return file[format.ACTIVATIONS][()]
+
+
+def test_overwriting_a_file_a_run_reads_is_refused_and_the_file_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = synth(out=tmp_path / "t.h5", n_rows=2048, d_in=4, n_features=8, mean_active=1.0, chunk_rows=256)
+    before = _rows(path)
+    reader = ActivationDataModule(str(path), batch_size=64, val_rows=256)
+    reader.setup("fit")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", "--out", str(path), "--n_rows", "100", "--d_in", "4", "--overwrite", "true"])
+    assert exit_info.value.code == 2
+    assert "in use by another process" in capsys.readouterr().err
+    np.testing.assert_array_equal(_rows(path), before)
+    reader.teardown("fit")
+    main(["synth", "--out", str(path), "--n_rows", "100", "--d_in", "4", "--overwrite", "true"])
+    assert format.read_info(path).n_rows == 100
+    assert [p.name for p in tmp_path.iterdir()] == ["t.h5"]
+
+
+def test_a_killed_synth_leaves_no_file_that_reads_as_complete(tmp_path: Path) -> None:
+    out = tmp_path / "t.h5"
+    child = subprocess.Popen([sys.executable, "-m", "lightning_sae.cli", "synth", "--out", str(out), "--n_rows", "100000000"])
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size > 1 << 20 for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert not out.exists()
+    with pytest.raises(UserError, match="not found"):
+        format.read_info(out)
+
+
+def test_a_full_disk_ends_synth_with_one_line_and_no_file(tmp_path: Path) -> None:
+    done = run_cli_on_a_full_disk(["synth", "--out", "t.h5", "--n_rows", "100000"], 200_000, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "lightning_sae: error: no space left on the disk to write t.h5; nothing was written (free space and rerun)"
+    ]
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ from lightning_sae.callbacks.decoder_bias import DecoderBiasInit
 from lightning_sae.callbacks.downstream_eval import DownstreamEval
 from lightning_sae.callbacks.feature_recovery import FeatureRecovery
 from lightning_sae.callbacks.folding import DecoderNormFolding
+from lightning_sae.callbacks.non_finite import NonFiniteGuard
 from lightning_sae.callbacks.progress import StepProgressBar
 from lightning_sae.callbacks.resampling import Resampling
 from lightning_sae.callbacks.sparsity_warmup import SparsityWarmup
@@ -17,6 +18,7 @@ __all__ = [
     "DownstreamEval",
     "EncoderBiasCalibration",
     "FeatureRecovery",
+    "NonFiniteGuard",
     "Resampling",
     "SparsityWarmup",
     "StepProgressBar",

@@ -20,7 +20,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from lightning import LightningDataModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
@@ -29,9 +28,17 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_sae.data.format import ACTIVATIONS, GROUND_TRUTH, TARGETS, ActivationFileInfo, read_info
+from lightning_sae.data.format import (
+    ACTIVATIONS,
+    GROUND_TRUTH,
+    TARGETS,
+    ActivationFileInfo,
+    open_for_reading,
+    read_info,
+)
 from lightning_sae.data.stream import ActivationStream, RowBlock, read_block, split_blocks
 from lightning_sae.errors import UserError
+from lightning_sae.files import ReadLock
 
 MID_EPOCH_RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
@@ -76,6 +83,7 @@ class ActivationDataModule(LightningDataModule):
         self.scale_sample_rows = scale_sample_rows
         self.train_blocks, self.val_blocks = split_blocks(self.infos, val_rows)
         self._resume_position: dict[str, Any] | None = None
+        self._read_locks: list[ReadLock] = []
         if not self.train_blocks:
             raise UserError(f"no training rows left after holding out val_rows={val_rows}")
 
@@ -94,24 +102,31 @@ class ActivationDataModule(LightningDataModule):
         """(input_scale, target_scale) making E‖x‖₂ = √d_in and E‖y‖₂ = √d_out (seed 000).
 
         Estimated on up to ``scale_sample_rows`` training rows from blocks spread evenly over
-        the training data.
+        the training data, which must not all be one row (:func:`_scale`).
         """
         with_targets = self.d_out is not None
         sample = spread_sample(self.train_blocks, self.scale_sample_rows)
         x_norms: list[np.ndarray] = []
         y_norms: list[np.ndarray] = []
-        files = {index: h5py.File(self.paths[index], "r") for index in {block.file for block in sample}}
+        first_rows: dict[str, np.ndarray] = {}
+        varying: set[str] = set()  # datasets with a sampled row unlike their first
+        files = {index: open_for_reading(self.paths[index]) for index in {block.file for block in sample}}
         try:
             for block in sample:
                 x, y = read_block(files[block.file], block, with_targets)
+                for name, rows in ((ACTIVATIONS, x), (TARGETS, y)):
+                    if rows is not None and (rows != first_rows.setdefault(name, rows[0])).any():
+                        varying.add(name)
                 x_norms.append(np.linalg.norm(x.astype(np.float64), axis=1))
                 if y is not None:
                     y_norms.append(np.linalg.norm(y.astype(np.float64), axis=1))
         finally:
             for file in files.values():
                 file.close()
-        input_scale = _scale(np.concatenate(x_norms), self.d_in, ACTIVATIONS)
-        target_scale = _scale(np.concatenate(y_norms), self.d_out, TARGETS) if with_targets else input_scale
+        input_scale = _scale(np.concatenate(x_norms), self.d_in, ACTIVATIONS, ACTIVATIONS in varying)
+        target_scale = (
+            _scale(np.concatenate(y_norms), self.d_out, TARGETS, TARGETS in varying) if with_targets else input_scale
+        )
         return input_scale, target_scale
 
     @property
@@ -125,7 +140,7 @@ class ActivationDataModule(LightningDataModule):
 
     def ground_truth(self) -> dict[str, np.ndarray] | None:
         """Datasets of the first file's ``ground_truth`` group (synthetic data), else None."""
-        with h5py.File(self.paths[0], "r") as file:
+        with open_for_reading(self.paths[0]) as file:
             if GROUND_TRUTH not in file:
                 return None
             return {name: dataset[()] for name, dataset in file[GROUND_TRUTH].items()}
@@ -196,6 +211,9 @@ class ActivationDataModule(LightningDataModule):
             remaining -= len(x)
 
     def setup(self, stage: str) -> None:
+        """Build the streams, and hold a shared lock on every file until :meth:`teardown`, so that
+        ``synth``/``cache --overwrite`` refuse to replace a file while this run reads it."""
+        self._read_locks = self._read_locks or [ReadLock(path) for path in self.paths]
         self.train_stream = self._stream(self.train_blocks, shuffle=self.shuffle, drop_last=True)
         self.val_stream = self._stream(self.val_blocks, shuffle=False, drop_last=False)
         shards = f"{self.train_stream.world_size} device(s) × {max(1, self.num_workers)} worker(s)"
@@ -206,6 +224,12 @@ class ActivationDataModule(LightningDataModule):
             )
         if self.val_rows > 0 and len(self.val_stream) == 0:
             raise UserError(f"val_rows={self.val_rows} leaves no validation row for each of {shards}: raise it")
+
+    def teardown(self, stage: str) -> None:
+        """Release the files' shared locks."""
+        for lock in self._read_locks:
+            lock.release()
+        self._read_locks = []
 
     def _stream(self, blocks: list[RowBlock], shuffle: bool, drop_last: bool) -> ActivationStream:
         return ActivationStream(
@@ -341,8 +365,16 @@ def spread_sample(blocks: list[RowBlock], rows: int) -> list[RowBlock]:
     return [blocks[i] for i in np.linspace(0, len(blocks) - 1, count).round().astype(int)]
 
 
-def _scale(norms: np.ndarray, dim: int | None, name: str) -> float:
+def _scale(norms: np.ndarray, dim: int | None, name: str, varying: bool) -> float:
+    """√dim / E‖x‖ from the sampled rows' norms. Rows of zero norm, or all identical (``varying``
+    false), are refused: an SAE learns nothing from constant rows, and the FVU, whose denominator
+    is their variance, would be infinite."""
     mean = float(norms.mean())
     if not mean > 0:
         raise UserError(f"'{name}' rows have zero norm on average: cannot scale them to E‖x‖ = √{dim}")
+    if not varying:
+        raise UserError(
+            f"the {len(norms)} '{name}' rows sampled are all identical: an SAE cannot learn from constant data "
+            "(the FVU divides by their variance, 0); was the file written with one row repeated?"
+        )
     return float(np.sqrt(dim) / mean)

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from lightning_sae.errors import UserError
+from lightning_sae.files import SpaceGuardedFile
 
 ACTIVATIONS = "activations"
 TARGETS = "targets"
@@ -52,13 +53,26 @@ def committed_rows(file: h5py.File) -> int:
     return int(file.attrs.get(COMMITTED_ROWS, n))
 
 
+def open_for_writing(path: str | Path) -> WritableFile:
+    """Open an existing activation file to append to it (see :class:`WritableFile`)."""
+    return WritableFile(path, create=False)
+
+
+def open_for_reading(path: str | Path) -> h5py.File:
+    """Open an activation file read-only without HDF5's file lock, so that it can be read while a
+    ``cache`` run still appends to it (rows up to ``committed_rows`` are complete). Every reader
+    opens files this way: HDF5 refuses two opens of one file in a process with different lock
+    settings."""
+    return h5py.File(path, "r", locking=False)
+
+
 def read_info(path: str | Path) -> ActivationFileInfo:
     """Open ``path``, check it against the contract and describe it; raises ``UserError``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"activation file not found: {path}")
     try:
-        file = h5py.File(path, "r")
+        file = open_for_reading(path)
     except OSError as exc:
         raise UserError(f"cannot read {path} as HDF5 ({exc}); is the file truncated?") from exc
     with file:
@@ -102,6 +116,29 @@ def read_info(path: str | Path) -> ActivationFileInfo:
         )
 
 
+class WritableFile(h5py.File):
+    """An activation file open for writing, through a :class:`~lightning_sae.files.SpaceGuardedFile`:
+    the file is locked against other runs, and a full disk raises ``OSError`` from :meth:`flush`
+    (HDF5 itself never sees the failure, so the file can still be closed)."""
+
+    def __init__(self, path: str | Path, create: bool) -> None:
+        self.guard = SpaceGuardedFile(Path(path), create)
+        try:
+            super().__init__(self.guard, "w" if create else "r+")
+        except BaseException:
+            self.guard.close()
+            raise
+
+    def flush(self) -> None:
+        super().flush()
+        self.guard.flush()
+        self.guard.raise_if_failed()
+
+    def close(self) -> None:
+        super().close()
+        self.guard.close()
+
+
 def create(
     path: str | Path,
     d_in: int,
@@ -112,7 +149,7 @@ def create(
     attrs: dict[str, Any] | None = None,
 ) -> h5py.File:
     """Create an empty, growable activation file (``targets`` when ``d_out`` is given)."""
-    file = h5py.File(path, "w")
+    file = WritableFile(path, create=True)
     file.create_dataset(ACTIVATIONS, shape=(0, d_in), maxshape=(None, d_in), dtype=dtype, chunks=(chunk_rows, d_in))
     if d_out is not None:
         file.create_dataset(TARGETS, shape=(0, d_out), maxshape=(None, d_out), dtype=dtype, chunks=(chunk_rows, d_out))

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lightning_sae.data.format import ACTIVATIONS, TARGETS, ActivationFileInfo
+from lightning_sae.data.format import ACTIVATIONS, TARGETS, ActivationFileInfo, open_for_reading
 from lightning_sae.errors import UserError
 
 
@@ -182,7 +182,7 @@ class OpenFiles:
         """``activations`` (and ``targets``) of file ``index``, looked up once: a lookup costs a
         fifth of a 4 MiB read."""
         if index not in self.opened:
-            self.files[index] = h5py.File(self.paths[index], "r")
+            self.files[index] = open_for_reading(self.paths[index])
             self.opened[index] = [self.files[index][name] for name in self.names]
         return self.opened[index]
 

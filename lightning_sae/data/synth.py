@@ -8,6 +8,9 @@ noise ε ~ N(0, I/d_in) of scale σ = ``noise``, and a shared offset c of norm `
 direction (real activations have a large mean). The directions, probabilities and offset are
 stored in the file's ``ground_truth`` group, so training can report how well the SAE recovered
 them (mean max cosine similarity).
+
+The file is written under a temporary name and renamed when complete: an interrupted ``synth``
+leaves no file that reads as whole, and ``--overwrite`` replaces a file only if no run uses it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from lightning_sae.data import format
 from lightning_sae.errors import UserError
+from lightning_sae.files import out_of_space, refuse_if_in_use, written_atomically
 
 
 def firing_probabilities(n_features: int, mean_active: float, exponent: float) -> np.ndarray:
@@ -83,22 +87,32 @@ def synth(
     probabilities = firing_probabilities(n_features, mean_active, exponent)
     shift = rng.standard_normal(d_in)
     shift = (shift * offset / np.linalg.norm(shift)).astype(np.float32)
+    if overwrite:
+        refuse_if_in_use(out, "overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     attrs = {
         "source": "synthetic", "n_features": n_features, "mean_active": mean_active, "exponent": exponent,
         "noise": noise, "min_magnitude": min_magnitude, "max_magnitude": max_magnitude, "offset": offset, "seed": seed,
     }
-    with format.create(out, d_in=d_in, dtype=dtype, chunk_rows=chunk_rows, attrs=attrs) as file:
-        truth = file.create_group(format.GROUND_TRUTH)
-        truth["features"] = directions
-        truth["firing_probabilities"] = probabilities
-        truth["offset"] = shift
-        for start in range(0, n_rows, chunk_rows):
-            rows = min(chunk_rows, n_rows - start)
-            active = rng.random((rows, n_features), dtype=np.float32) < probabilities
-            magnitudes = np.zeros((rows, n_features), dtype=np.float32)
-            magnitudes[active] = rng.uniform(min_magnitude, max_magnitude, int(active.sum()))
-            noise_rows = rng.standard_normal((rows, d_in), dtype=np.float32) * (noise / np.sqrt(d_in))
-            x = magnitudes @ directions + shift + noise_rows
-            format.append(file, x.astype(dtype))
+    try:
+        with (
+            written_atomically(out) as temporary,
+            format.create(temporary, d_in=d_in, dtype=dtype, chunk_rows=chunk_rows, attrs=attrs) as file,
+        ):
+            truth = file.create_group(format.GROUND_TRUTH)
+            truth["features"] = directions
+            truth["firing_probabilities"] = probabilities
+            truth["offset"] = shift
+            for start in range(0, n_rows, chunk_rows):
+                rows = min(chunk_rows, n_rows - start)
+                active = rng.random((rows, n_features), dtype=np.float32) < probabilities
+                magnitudes = np.zeros((rows, n_features), dtype=np.float32)
+                magnitudes[active] = rng.uniform(min_magnitude, max_magnitude, int(active.sum()))
+                noise_rows = rng.standard_normal((rows, d_in), dtype=np.float32) * (noise / np.sqrt(d_in))
+                x = magnitudes @ directions + shift + noise_rows
+                format.append(file, x.astype(dtype))
+    except OSError as error:
+        if out_of_space(error):
+            raise UserError(f"no space left on the disk to write {out}; nothing was written (free space and rerun)") from None
+        raise
     return out

@@ -6,6 +6,9 @@ capture one site per requested layer, and a private exception raised by the hook
 requested layer ends the forward pass there. Rows go to activation files in the format of
 ``lightning_sae.data.format``; since a window always yields the same rows, the committed row
 count of a file tells which windows it holds, which is what ``--resume`` relies on.
+
+A file another process has open (a ``fit`` reading it, another ``cache`` writing it) is neither
+resumed nor replaced; a full disk ends the run with the committed rows intact.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tqdm.auto import tqdm
 
 from lightning_sae.data import format as fmt
 from lightning_sae.errors import UserError
+from lightning_sae.files import held_exclusively, out_of_space, refuse_if_in_use
 from lightning_sae.lm.access import (
     ModelDtype,
     Piece,
@@ -134,13 +138,21 @@ def cache(
         "dtype": dtype,
         "model_dtype": model_dtype,
     }
-    with ExitStack() as stack:
-        files, done = _open_outputs(stack, paths, attrs, windows, resume)
-        hooks = SiteCapture(blocks, layers, site)
-        stack.callback(hooks.remove)
-        _append_windows(lm, hooks, files, done, windows, total_windows, batch_size, site, dtype)
-        for file in files.values():
-            _truncate_to_committed(file)
+    try:
+        with ExitStack() as stack:
+            files, done = _open_outputs(stack, paths, attrs, windows, resume)
+            hooks = SiteCapture(blocks, layers, site)
+            stack.callback(hooks.remove)
+            _append_windows(lm, hooks, files, done, windows, total_windows, batch_size, site, dtype)
+            for file in files.values():
+                _truncate_to_committed(file)
+    except OSError as error:
+        if out_of_space(error):
+            raise UserError(
+                f"no space left on the disk while writing {', '.join(map(str, paths.values()))}: the rows committed "
+                "so far are complete; free space and rerun with --resume true"
+            ) from None
+        raise
     _report(paths)
 
 
@@ -156,12 +168,13 @@ def _output_paths(output: Path, layers: list[int], resume: bool, overwrite: bool
     for path in paths.values():
         if not path.parent.is_dir():
             raise UserError(f"the folder of --output {path} does not exist")
-    if not (resume or overwrite):
-        existing = [str(path) for path in paths.values() if path.exists()]
-        if existing:
-            raise UserError(
-                f"{', '.join(existing)} exists; pass --resume true to continue it or --overwrite true to replace it"
-            )
+    existing = [path for path in paths.values() if path.exists()]
+    for path in existing:
+        refuse_if_in_use(path, "resume" if resume else "overwrite" if overwrite else "write")
+    if existing and not (resume or overwrite):
+        raise UserError(
+            f"{', '.join(map(str, existing))} exists; pass --resume true to continue it or --overwrite true to replace it"
+        )
     return paths
 
 
@@ -321,6 +334,8 @@ def _append(
 def _open_output(path: Path, attrs: dict[str, Any], resume: bool) -> h5py.File:
     """Open ``path`` to continue (``resume`` and it exists, metadata checked) or create it afresh."""
     if not (resume and path.exists()):
+        with held_exclusively(path, "overwrite"):
+            path.unlink(missing_ok=True)  # a new inode: a reader that opened the old file keeps it whole
         d_model = attrs["d_model"]
         return fmt.create(
             path,
@@ -331,7 +346,7 @@ def _open_output(path: Path, attrs: dict[str, Any], resume: bool) -> h5py.File:
             attrs={**attrs, "n_tokens": 0},
         )
     try:
-        file = h5py.File(path, "r+")
+        file = fmt.open_for_writing(path)
     except OSError as exc:
         raise UserError(f"cannot reopen {path} to resume ({exc}); start over with --overwrite true") from exc
     stored = {key: value for key, value in fmt.attributes(file).items() if key not in RUN_ONLY_ATTRS}

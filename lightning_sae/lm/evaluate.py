@@ -53,10 +53,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lightning_sae.checkpoint_io import read_checkpoint
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.data.format import read_info
 from lightning_sae.errors import UserError
 from lightning_sae.export import CONFIG_FILE, load_export, read_export_config
+from lightning_sae.files import written_atomically
 from lightning_sae.lm.access import (
     ModelDtype,
     Piece,
@@ -104,6 +106,7 @@ def evaluate(
     model_dtype: ModelDtype = "float32",
     device: str = "auto",
     json: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Splice a trained SAE into its language model: loss recovered, KL and reconstruction metrics.
 
@@ -136,7 +139,11 @@ def evaluate(
         device: 'auto' (CUDA when available, else CPU), or a torch device such as 'cuda:1'.
         json: Also write the results as JSON to this path; 'true' prints JSON instead of the
             table.
+        overwrite: Replace an existing --json file (refused otherwise, before anything is computed).
     """
+    json_path = None if json is None or json.lower() == "true" else Path(json)
+    if json_path is not None:
+        _check_json_target(json_path, overwrite)
     sae_model, recorded = _load_sae(sae)
     attrs = read_info(data).attrs if data is not None else recorded
     layer, site = resolve_site(layer, site, attrs)
@@ -159,7 +166,7 @@ def evaluate(
     with tqdm(total=2 * n_tokens, unit="tok", unit_scale=True, desc="evaluate") as bar:
         metrics = splice_metrics(lm, sae_model.folded(), blocks, layer, site, batches, progress=bar.update)
     results = {"sae": str(sae), "model": model_id, "layer": layer, "site": site, **metrics}
-    _report(results, json)
+    _report(results, json, json_path)
     return results
 
 
@@ -372,7 +379,7 @@ def _load_sae(path: Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
         return load_export(path), source
     if not path.is_file():
         raise UserError(f"SAE not found: {path} (give a checkpoint file or an export directory with {CONFIG_FILE})")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     source = checkpoint.get(ActivationDataModule.__qualname__, {}).get("source") or {}
     return SparseAutoencoder.from_checkpoint_dict(checkpoint, str(path)), source
 
@@ -410,15 +417,30 @@ def check_model(sae: SparseAutoencoder, lm: PreTrainedModel, blocks: nn.ModuleLi
         )
 
 
-def _report(results: dict[str, Any], json: str | None) -> None:
-    """Print the table, or the JSON when ``json`` is 'true'; write the JSON to the path ``json``."""
+def _check_json_target(path: Path, overwrite: bool) -> None:
+    """Refuse a ``--json`` path that exists (unless ``overwrite``) or whose folder does not."""
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite true to replace it, or give another --json")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist")
+
+
+def _report(results: dict[str, Any], json: str | None, json_path: Path | None) -> None:
+    """Print the table, or the JSON when ``json`` is 'true'; then write the JSON, whole, to ``json_path``."""
     text = jsonlib.dumps(results, indent=2)
     if json is not None and json.lower() == "true":
         print(text)
         return
-    if json is not None:
-        Path(json).write_text(text + "\n")
     print(format_table(results))
+    if json_path is None:
+        return
+    try:
+        with written_atomically(json_path) as temporary:
+            temporary.write_text(text + "\n")
+    except OSError as error:
+        raise UserError(
+            f"cannot write {json_path}: {error.strerror or error}; the results are printed above"
+        ) from error
 
 
 def format_table(results: dict[str, Any]) -> str:

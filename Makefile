@@ -8,9 +8,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 CONFIG ?= configs/quickstart.yaml
+JOBS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install quickstart test tensorboard smollm2-data benchmark recipe-quality sweep clean
+.PHONY: help install quickstart test tensorboard smollm2-data benchmark recipe-quality grid report clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -47,11 +48,13 @@ benchmark: $(BIN)/lightning_sae ## Loader and training throughput (tokens/s of e
 recipe-quality: $(BIN)/lightning_sae ## Every recipe vs a plain loop and SAELens on synthetic sets (hours on 2 cores; ARGS="--sets toy-offset" for one); writes docs/recipe_quality.md
 	cd benchmarks && ../$(BIN)/python recipe_quality.py $(ARGS)
 
-sweep: $(BIN)/lightning_sae data/toy.h5 ## Fit CONFIG once per VALUES of PARAM, e.g. make sweep PARAM=model.d_sae VALUES="256 512" [ARGS="--overwrite true"]
-	@test -n "$(PARAM)" -a -n "$(VALUES)" || { echo "usage: make sweep CONFIG=... PARAM=model.x VALUES=\"a b\""; exit 2; }
-	for value in $(VALUES); do \
-	  $(BIN)/lightning_sae fit --config $(CONFIG) --$(PARAM) $$value --trainer.logger.init_args.version "$(PARAM)=$$value" $(ARGS) || exit 1; \
-	done
+grid: $(BIN)/lightning_sae ## Train every point of a grid file, resumably: make grid GRID=grids/recipes.yaml [DATA=x.h5] [JOBS=n] [OUT=dir]
+	@test -n "$(GRID)" || { echo "usage: make grid GRID=grids/X.yaml [DATA=file.h5] [JOBS=n] [OUT=dir]"; exit 2; }
+	$(BIN)/lightning_sae grid --grid "$(GRID)" --jobs $(JOBS) $(if $(DATA),--data "$(DATA)") $(if $(OUT),--out "$(OUT)")
+
+report: $(BIN)/lightning_sae ## Table (results.csv, report.md) and plots of a grid's runs: make report GRID=grids/recipes.yaml [OUT=dir]
+	@test -n "$(GRID)$(OUT)" || { echo "usage: make report GRID=grids/X.yaml [OUT=dir]"; exit 2; }
+	$(BIN)/lightning_sae report $(if $(GRID),--grid "$(GRID)") $(if $(OUT),--run_dir "$(OUT)")
 
 clean: ## Remove logs and generated data (keeps .venv)
 	rm -rf logs lightning_logs data/*.h5

@@ -46,12 +46,15 @@ from lightning_sae.export import export
 from lightning_sae.files import out_of_space, temporary_sibling
 from lightning_sae.metrics import log10_feature_density
 from lightning_sae.model import SparseAutoencoder, upgrade_checkpoint
+from lightning_sae.run_summary import summarize_fit
 
 PLAIN_COMMANDS = {
     "synth": "lightning_sae.data.synth:synth",
     "cache": "lightning_sae.lm.cache:cache",
     "export": "lightning_sae.cli:export_checkpoint",
     "evaluate": "lightning_sae.lm.evaluate:evaluate",
+    "grid": "lightning_sae.grid:grid",
+    "report": "lightning_sae.report:report",
 }
 """Commands that are one function each: name → ``module:function`` (imported on use)."""
 
@@ -265,6 +268,10 @@ class SAECLI(LightningCLI):
             name: float(value) for name, value in self.trainer.callback_metrics.items() if name.startswith("val/")
         }
         print(format_summary(metrics, where, str(log_dir)))
+        # Run summary (lightning_sae/run_summary.py): metrics.json, read by grids, and the HParams tab.
+        summarize_fit(log_dir, self._subcommand_config(), metrics, self.trainer.global_step,
+                      train_rows=self.trainer.global_step * self.datamodule.batch_size * self.trainer.world_size,
+                      tensorboard=isinstance(self.trainer.logger, TensorBoardLogger))
 
     def _export(self, out: Path) -> Path:
         """Export the trained SAE, with the feature density when a tracker measured it, to ``out``,

@@ -9,6 +9,7 @@ from lightning_sae.callbacks.folding import DecoderNormFolding
 from lightning_sae.callbacks.non_finite import NonFiniteGuard
 from lightning_sae.callbacks.progress import StepProgressBar
 from lightning_sae.callbacks.resampling import Resampling
+from lightning_sae.callbacks.shrinkage import ShrinkageCorrection
 from lightning_sae.callbacks.sparsity_warmup import SparsityWarmup
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "FeatureRecovery",
     "NonFiniteGuard",
     "Resampling",
+    "ShrinkageCorrection",
     "SparsityWarmup",
     "StepProgressBar",
 ]

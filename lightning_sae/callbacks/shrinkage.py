@@ -1,0 +1,108 @@
+"""``ShrinkageCorrection``: at the end of fitting, undo the L1 penalty's shrinkage of a ReLU SAE."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from lightning_sae.data.datamodule import ActivationDataModule
+from lightning_sae.encoders import JumpReLU, ReLU
+from lightning_sae.errors import UserError
+from lightning_sae.model import SparseAutoencoder
+
+SMALLEST_THRESHOLD = 1e-6
+"""Threshold given to a feature whose fitted correction is 0: JumpReLU needs θ > 0 (log θ)."""
+
+
+class ShrinkageCorrection(Callback):
+    """Give a ReLU SAE trained with an L1 penalty its unshrunk magnitudes, keeping which features fire.
+
+    An L1 penalty pulls every active feature down by about the same amount ("shrinkage": Wright &
+    Sharkey 2024, "Addressing feature suppression in SAEs"; Rajamanoharan et al. 2024, Gated SAEs):
+    f_i = ReLU(h_i) where the reconstruction wants h_i + δ_i. At the end of fitting this callback
+    fits δ ≥ 0 with the weights and the firing pattern H(h) fixed,
+
+        min_δ  E‖y − (ReLU(h) + H(h)∘δ)·W_dec − b_dec‖²     (Adam, on ``rows`` training rows),
+
+    and writes the result as the exact JumpReLU it is: f'_i = (h_i + δ_i)·H(h_i) = JumpReLU_θ(h'_i)
+    with h' = h + δ (b_enc += δ) and θ = δ. L0 and the features that fire are unchanged; the SAE
+    exports as SAELens ``jumprelu``. Put it before ``DecoderNormFolding`` in the callbacks. Under
+    DDP every rank fits the same δ (gradients averaged over the ranks). It runs after the last
+    checkpoint, which keeps the training state: the fit-end export holds the corrected SAE, and
+    ``lightning_sae export`` of a checkpoint the uncorrected one.
+    """
+
+    def __init__(self, rows: int = 65_536, steps: int = 500, batch_size: int = 4096, lr: float = 0.01, seed: int = 0) -> None:
+        """
+        Args:
+            rows: Training rows δ is fitted on (read again each pass, never all in memory).
+            steps: Adam steps of the fit.
+            batch_size: Rows per step.
+            lr: Adam's learning rate for δ (in units of the scaled pre-activations, O(1)).
+            seed: Seed of the rows' order.
+        """
+        if min(rows, steps, batch_size) < 1 or not lr > 0:
+            raise UserError("ShrinkageCorrection: rows, steps and batch_size must be positive, and lr > 0")
+        self.rows = rows
+        self.steps = steps
+        self.batch_size = batch_size
+        self.lr = lr
+        self.seed = seed
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse, before training, a model that is not a ReLU SAE (validating the corrected one is fine)."""
+        assert isinstance(pl_module, SparseAutoencoder)
+        if stage == "fit" and type(pl_module.encoder) is not ReLU:
+            raise UserError(
+                f"ShrinkageCorrection corrects a ReLU SAE's L1 shrinkage; this model's encoder is "
+                f"{type(pl_module.encoder).__name__}: remove the callback"
+            )
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert isinstance(pl_module, SparseAutoencoder)
+        if type(pl_module.encoder) is not ReLU:  # corrected already (a second fit of the same model)
+            return
+        shift = self.fit_shift(pl_module, ActivationDataModule.of(trainer), trainer)
+        apply_shift_(pl_module, shift)
+        pl_module.validated_step = -1  # the final validation must see the corrected SAE
+
+    @torch.enable_grad()
+    def fit_shift(self, model: SparseAutoencoder, data: ActivationDataModule, trainer: Trainer) -> Tensor:
+        """δ ≥ 0 [m] minimising the reconstruction error with the firing pattern fixed."""
+        shift = torch.zeros(model.d_sae, device=model.device, requires_grad=True)
+        optimizer = torch.optim.Adam([shift], lr=self.lr)
+        done = 0
+        while done < self.steps:
+            for x, y in data.sample_batches(self.rows, self.seed + done):
+                for start in range(0, len(x), self.batch_size):
+                    if done == self.steps:
+                        break
+                    x_batch = x[start : start + self.batch_size].to(model.device)
+                    y_batch = None if y is None else y[start : start + self.batch_size].to(model.device)
+                    with torch.no_grad():
+                        out = model.forward_pass(x_batch, y_batch)
+                        firing = (out.pre_acts > 0).to(out.reconstruction.dtype)
+                        residual = out.target - out.reconstruction
+                    error = residual - (firing * shift) @ out.W_dec.detach()
+                    loss = error.pow(2).sum(-1).mean()
+                    optimizer.zero_grad(set_to_none=False)
+                    loss.backward()
+                    assert shift.grad is not None
+                    shift.grad.copy_(trainer.strategy.reduce(shift.grad, reduce_op="mean"))
+                    optimizer.step()
+                    with torch.no_grad():
+                        shift.clamp_(min=0)
+                    done += 1
+        return shift.detach()
+
+
+@torch.no_grad()
+def apply_shift_(model: SparseAutoencoder, shift: Tensor) -> None:
+    """Turn the ReLU SAE into the JumpReLU f = (h + δ)·H(h): b_enc += δ, threshold θ = δ."""
+    encoder = JumpReLU(model.d_sae, initial_log_threshold=math.log(SMALLEST_THRESHOLD))
+    encoder.log_threshold.copy_(shift.clamp(min=SMALLEST_THRESHOLD).log())
+    model.b_enc.add_(shift)
+    model.encoder = encoder.to(model.device)

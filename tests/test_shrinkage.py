@@ -1,0 +1,75 @@
+"""``ShrinkageCorrection``: an L1-trained ReLU SAE gets its unshrunk magnitudes, firing unchanged."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from lightning import Callback, LightningModule, Trainer
+
+from lightning_sae.callbacks.folding import DecoderNormFolding
+from lightning_sae.callbacks.shrinkage import ShrinkageCorrection, apply_shift_
+from lightning_sae.data.datamodule import ActivationDataModule
+from lightning_sae.encoders import JumpReLU, TopK
+from lightning_sae.errors import UserError
+from lightning_sae.export import export, load_export
+from lightning_sae.model import SparseAutoencoder
+from lightning_sae.penalties import L1
+
+
+class KeepUncorrected(Callback):
+    """Copies the model at ``on_train_end``, which Lightning calls before ``on_fit_end``."""
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.model = copy.deepcopy(pl_module)
+
+
+def fvu(model: SparseAutoencoder, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((x - model(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def test_the_shift_is_the_jumprelu_that_keeps_the_firing_pattern() -> None:
+    model = SparseAutoencoder(d_in=8, d_sae=32, input_scale=1.3)
+    with torch.no_grad():
+        model.b_enc.uniform_(-0.3, 0.3)
+    x = torch.randn(128, 8)
+    shift = torch.rand(32)
+    with torch.no_grad():
+        pre_acts = model.pre_activations(x * model.input_scale)
+        apply_shift_(model, shift)
+        corrected = model.encode(x)
+    assert isinstance(model.encoder, JumpReLU)
+    torch.testing.assert_close(corrected, (pre_acts + shift) * (pre_acts > 0), atol=1e-6, rtol=0)
+
+
+def test_an_l1_sae_reconstructs_better_at_the_same_l0(toy_file: Path, tmp_path: Path) -> None:
+    data = ActivationDataModule(str(toy_file), batch_size=256, val_rows=1024, buffer_rows=4096)
+    model = SparseAutoencoder(
+        d_in=data.d_in, d_sae=64, input_scale=data.input_scale, lr=3e-3, penalties=[L1(coefficient=3.0)]
+    )
+    kept = KeepUncorrected()
+    trainer = Trainer(
+        accelerator="cpu", max_steps=400, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[kept, ShrinkageCorrection(rows=4096, steps=200, batch_size=512),
+                                               DecoderNormFolding()],
+    )
+    trainer.fit(model, datamodule=data)
+    x = next(iter(data.val_dataloader()))[0].float()
+    before, after = kept.model, model
+    with torch.no_grad():
+        assert torch.equal(before.encode(x) > 0, after.encode(x) > 0), "the same features fire"
+    assert fvu(after, x) < 0.8 * fvu(before, x)
+    export(after, tmp_path / "sae")
+    loaded = load_export(tmp_path / "sae")
+    assert isinstance(loaded.encoder, JumpReLU)
+    torch.testing.assert_close(loaded(x), after(x).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_only_a_relu_sae_is_accepted(toy_file: Path) -> None:
+    model = SparseAutoencoder(d_in=16, d_sae=32, encoder=lambda m: TopK(m, k=4))
+    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=[ShrinkageCorrection()])
+    with pytest.raises(UserError, match="ReLU SAE"):
+        trainer.fit(model, datamodule=ActivationDataModule(str(toy_file), batch_size=64, val_rows=512))

@@ -55,6 +55,7 @@ import yaml
 
 from lightning_sae.errors import UserError
 from lightning_sae.files import written_atomically
+from lightning_sae.metrics import DEFAULT_DENSE_THRESHOLD
 from lightning_sae.recipes import sparsity_arguments
 from lightning_sae.run_summary import METRICS_FILE
 
@@ -71,7 +72,6 @@ MANIFEST_FILE = "grid.json"
 DEFAULT_EVAL_TOKENS = 6144
 DEAD_LOG10_DENSITY = -9.5
 """log10 densities at or below this are features that never fired (the export stores log10(0 + 1e-10))."""
-DENSE_THRESHOLD = 0.1
 
 
 @dataclass
@@ -506,7 +506,7 @@ def _run(command: list[str], log: Path, env: dict[str, str], point: Point) -> No
     with log.open("a") as output:
         output.write(f"$ {' '.join(command)}\n")
         output.flush()
-        done = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        done = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **env}, check=False)
     if done.returncode != 0:
         raise UserError(f"point {point.name} failed (exit status {done.returncode}): see {log}")
 
@@ -528,7 +528,7 @@ def density_summary(sae: Path) -> dict[str, Any] | None:
     counts = torch.histogram(log10.clamp(-10.0, 0.0), bins=10, range=(-10.0, 0.0)).hist
     return {
         "dead_fraction": float(dead.double().mean()),
-        "dense_fraction": float((log10 > math.log10(DENSE_THRESHOLD)).double().mean()),
+        "dense_fraction": float((log10 > math.log10(DEFAULT_DENSE_THRESHOLD)).double().mean()),
         "median_log10_density": float(alive.median()) if alive.numel() else None,
         "histogram_log10_edges": list(range(-10, 1)),
         "histogram_counts": [int(count) for count in counts],

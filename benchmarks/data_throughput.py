@@ -4,19 +4,31 @@ Usage::
 
     .venv/bin/python benchmarks/data_throughput.py --rows 2000000 --d-in 256
 
+    .venv/bin/python benchmarks/data_throughput.py --rows 1000000 --d-in 768 --dtype float16 --device cuda
+
 It writes a random activation file (kept and reused when it already has the asked shape), then
 measures, each in a fresh process so that its peak memory is its own, repeated ``--repeats``
-times in turn so that load from other processes hits every case alike:
+times in turn so that load from other processes hits every case alike, and reports the median
+with the spread (lowest–highest):
 
 - ``raw``: ``dataset[a:a+batch]`` over the file in order, a new array per batch: the reference.
-- ``shuffle`` / ``ordered``: one epoch of the datamodule's training loader, shuffling on / off.
+- ``shuffle`` / ``ordered``: one epoch of the datamodule's training loader, shuffling on / off,
+  with the file in the page cache ("warm": the CPU cost of reading) and with the file's pages
+  dropped first ("cold", ``posix_fadvise(DONTNEED)`` on this file only: the disk read of data
+  larger than memory).
+- ``gather``: the random-row gather any row-level shuffle does, on rows already in memory
+  (``np.take`` of a batch of random rows of a 256 MiB array): the bound on a shuffled loader
+  that copies each row once more than the raw read.
+- ``workers``: the shuffled loader, warm, with each of ``--workers`` DataLoader worker counts.
+- with ``--device cuda``: the shuffled loader, warm, in page-locked memory, each batch copied
+  to the GPU with ``non_blocking`` (the path ``fit`` takes), for each worker count: the rate a
+  GPU is fed.
 - training steps of two SAEs (quickstart size and the defaults) on random batches, in rows/s.
 
-Each data case runs with the file in the page cache ("warm": the CPU cost of reading) and with
-the file's pages dropped first ("cold", ``posix_fadvise(DONTNEED)`` on this file only: the disk
-read of data larger than memory). Peak memory is the growth of the process's peak RSS
-(``ru_maxrss``) over the pass, which counts h5py's own buffers too. It prints a Markdown report
-to paste into ``docs/benchmarks.md``.
+Peak memory is the growth of the process's peak RSS (``ru_maxrss``) over the pass, which counts
+h5py's own buffers too; a worker's peak RSS is its whole resident memory (the interpreter and
+torch included, ``RUSAGE_CHILDREN``). It prints a Markdown report to
+paste into ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import numpy as np
 from machine import machine
 
 DATA_CASES = ("raw", "shuffle", "ordered")
+GATHER_ROWS = 262_144
 
 
 def peak_rss_bytes() -> int:
@@ -67,9 +80,11 @@ def drop_from_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def measure_data(case: str, cold: bool, args: argparse.Namespace) -> dict[str, Any]:
+def measure_data(case: str, cold: bool, workers: int, device: str | None, args: argparse.Namespace) -> dict[str, Any]:
     """Time one pass of ``case`` over the file; rows, seconds and peak memory growth."""
-    from lightning_sae.data.datamodule import ActivationDataModule
+    import torch
+
+    from lightning_sae.data.datamodule import ActivationDataModule, StreamLoader
     from lightning_sae.data.format import ACTIVATIONS, open_for_reading
 
     if cold:
@@ -84,19 +99,32 @@ def measure_data(case: str, cold: bool, args: argparse.Namespace) -> dict[str, A
                 dataset[start : start + args.batch_size]
             seconds = time.perf_counter() - start_time
         return {"rows": stop, "seconds": seconds, "peak_growth": peak_rss_bytes() - before}
+    if case == "gather":
+        rows = np.random.default_rng(0).standard_normal((GATHER_ROWS, args.d_in), dtype=np.float32).astype(args.dtype)
+        order = np.random.default_rng(1).permutation(GATHER_ROWS)
+        start_time = time.perf_counter()
+        for start in range(0, GATHER_ROWS, args.batch_size):
+            np.take(rows, order[start : start + args.batch_size], axis=0)
+        return {"rows": GATHER_ROWS, "seconds": time.perf_counter() - start_time, "peak_growth": 0}
     datamodule = ActivationDataModule(
         str(args.path),
         batch_size=args.batch_size,
         val_rows=0,
         shuffle=case == "shuffle",
         buffer_rows=args.buffer_rows,
-        num_workers=args.num_workers,
+        num_workers=workers,
     )
     datamodule.setup("fit")
-    loader = datamodule.train_dataloader()
+    loader = StreamLoader(datamodule.train_stream, workers, pin_memory=device is not None)
     before = peak_rss_bytes()
     start_time = time.perf_counter()
-    rows = sum(len(x) for x, _ in loader)
+    rows = 0
+    for x, _ in loader:
+        if device is not None:
+            x = x.to(device, non_blocking=True)
+        rows += len(x)
+    if device is not None:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start_time
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return {"rows": rows, "seconds": seconds, "peak_growth": peak_rss_bytes() - before, "worker_peak": children}
@@ -157,10 +185,42 @@ def rate(run: dict[str, Any]) -> float:
     return run["rows"] / run["seconds"]
 
 
+def median_rate(runs: list[dict[str, Any]]) -> float:
+    return float(np.median([rate(run) for run in runs]))
+
+
+def spread(runs: list[dict[str, Any]], reference: float) -> str:
+    """Median ratio to ``reference`` and the lowest–highest ratio over the runs."""
+    ratios = sorted(rate(run) / reference for run in runs)
+    return f"{median_rate(runs) / reference:.0%} ({ratios[0]:.0%}–{ratios[-1]:.0%})"
+
+
+def data_cases(args: argparse.Namespace) -> list[str]:
+    """Every loader measurement of one round: ``data:<case>:<warm|cold>:<workers>:<device or ->``."""
+    cases = [f"data:{case}:{cache}:{args.num_workers}:-" for cache in ("warm", "cold") for case in DATA_CASES]
+    cases.append("data:gather:warm:0:-")
+    cases += [f"data:shuffle:warm:{workers}:-" for workers in args.workers if workers != args.num_workers]
+    if args.device:
+        cases += [f"data:shuffle:warm:{workers}:{args.device}" for workers in sorted({args.num_workers, *args.workers})]
+    return cases
+
+
 def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], host: str) -> str:
-    """The Markdown section: best rows/s over the repeats, ratio to the raw read, peak memory."""
+    """The Markdown section: median rows/s over the repeats, ratio to the raw read with its spread,
+    peak memory."""
     row_bytes = args.d_in * np.dtype(args.dtype).itemsize
-    best = {case: max(rate(run) for run in runs) for case, runs in results.items()}
+
+    def line(label: str, key: str, reference: str, gigabytes: bool = False, with_workers: bool = False) -> str:
+        runs = results[key]
+        value = median_rate(runs)
+        bandwidth = f"{value * row_bytes / 1e9:.2f}" if gigabytes else f"{value * row_bytes / 1e6:,.0f}"
+        peak = max(run["peak_growth"] for run in runs) / 2**20
+        cells = [label, f"{value:,.0f}", bandwidth, spread(runs, median_rate(results[reference])), f"{peak:,.0f} MiB"]
+        if with_workers:
+            worker_peak = max(run["worker_peak"] for run in runs) / 2**20
+            cells.append(f"{worker_peak:,.0f} MiB" if key.split(":")[3] != "0" else "—")
+        return "| " + " | ".join(cells) + " |"
+
     lines = [
         "## Data throughput",
         "",
@@ -170,24 +230,46 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], h
             f"Data: {args.rows:,} rows × {args.d_in} {args.dtype} ({args.rows * row_bytes / 2**30:.2f} GiB), "
             f"chunks of {args.chunk_rows} rows; batch {args.batch_size}, shuffle buffer {args.buffer_rows:,} rows "
             f"({args.buffer_rows * row_bytes / 2**20:.0f} MiB), num_workers {args.num_workers}. "
-            f"Best of {args.repeats} runs, interleaved; ratios are against the raw read of the same run."
+            f"Median of {args.repeats} runs, the cases interleaved, each in a fresh process; ratios are against "
+            "the median raw read of the same page-cache state, with the lowest–highest ratio in brackets."
         ),
         "",
         "```",
         f".venv/bin/python benchmarks/data_throughput.py {' '.join(sys.argv[1:])}",
         "```",
         "",
-        "| page cache | reader | rows/s | MB/s | vs raw read | peak RSS growth |",
-        "|---|---|---:|---:|---:|---:|",
+        "| page cache, reader | rows/s | MB/s | vs raw read | peak RSS growth |",
+        "|---|---:|---:|---:|---:|",
     ]
     for cache in ("warm", "cold"):
         for case in DATA_CASES:
-            runs = results[f"{case}-{cache}"]
-            peak = max(run["peak_growth"] for run in runs) / 2**20
-            value = best[f"{case}-{cache}"]
+            key = f"data:{case}:{cache}:{args.num_workers}:-"
+            lines.append(line(f"{cache}, {DATA_NAMES[case]}", key, f"data:raw:{cache}:{args.num_workers}:-"))
+    lines.append(
+        line("in memory, random-row gather (`np.take`)", "data:gather:warm:0:-", f"data:raw:warm:{args.num_workers}:-")
+    )
+    lines += [
+        "",
+        "Workers (warm, shuffle on):",
+        "",
+        "| DataLoader workers | rows/s | MB/s | vs raw read | peak RSS growth | worker peak RSS |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for workers in sorted({args.num_workers, *args.workers}):
+        key = f"data:shuffle:warm:{workers}:-"
+        lines.append(line(str(workers), key, f"data:raw:warm:{args.num_workers}:-", with_workers=True))
+    if args.device:
+        lines += [
+            "",
+            f"Delivered to `{args.device}` (warm, shuffle on, page-locked batches, `non_blocking` copies):",
+            "",
+            "| DataLoader workers | rows/s | GB/s | vs raw read | peak RSS growth | worker peak RSS |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for workers in sorted({args.num_workers, *args.workers}):
+            key = f"data:shuffle:warm:{workers}:{args.device}"
             lines.append(
-                f"| {cache} | {DATA_NAMES[case]} | {value:,.0f} | {value * row_bytes / 1e6:,.0f} | "
-                f"{value / best[f'raw-{cache}']:.0%} | {peak:,.0f} MiB |"
+                line(str(workers), key, f"data:raw:warm:{args.num_workers}:-", gigabytes=True, with_workers=True)
             )
     lines += [
         "",
@@ -196,12 +278,13 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], h
         "| model | batch | torch threads | steps/s | rows/s | loader (warm, shuffle on) / training |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    shuffled = median_rate(results[f"data:shuffle:warm:{args.num_workers}:-"])
     for name, (label, _, _, batch, _) in TRAIN_CASES.items():
         for threads in ("default", "1"):
-            run = results[f"train-{name}-{threads}"][0]
+            run = results[f"train:{name}:{threads}"][0]
             lines.append(
                 f"| {label.format(d_in=args.d_in)} | {batch} | {threads} | {run['steps_per_s']:.2f} | "
-                f"{rate(run):,.0f} | {best['shuffle-warm'] / rate(run):,.0f}× |"
+                f"{rate(run):,.0f} | {shuffled / rate(run):,.0f}× |"
             )
     return "\n".join(lines)
 
@@ -215,16 +298,22 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--buffer-rows", type=int, default=262_144)
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=0, help="workers of the warm/cold table")
+    parser.add_argument(
+        "--workers", type=int, nargs="*", default=[1, 2, 4, 8], help="worker counts of the scaling table"
+    )
+    parser.add_argument("--device", help="also measure the rate delivered to this device (e.g. cuda)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=5, help="timed steps of the default-size SAE")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case is not None:
-        kind, name, variant = args.case.split("-")
+        kind, *fields = args.case.split(":")
         if kind == "data":
-            result = measure_data(name, variant == "cold", args)
+            case, cache, workers, device = fields
+            result = measure_data(case, cache == "cold", int(workers), None if device == "-" else device, args)
         else:
+            name, variant = fields
             _, d_in, d_sae, batch, quickstart = TRAIN_CASES[name]
             steps = 100 if quickstart else args.train_steps
             threads = None if variant == "default" else int(variant)
@@ -233,15 +322,14 @@ def main() -> None:
         return
     host = machine()
     write_file(args.path, args.rows, args.d_in, args.chunk_rows, args.dtype)
-    run_child("data-raw-warm")  # bring the file into the page cache
+    run_child(f"data:raw:warm:{args.num_workers}:-")  # bring the file into the page cache
     results: dict[str, list[dict[str, Any]]] = {}
     for _ in range(args.repeats):
-        for cache in ("warm", "cold"):
-            for case in DATA_CASES:
-                results.setdefault(f"{case}-{cache}", []).append(run_child(f"data-{case}-{cache}"))
+        for case in data_cases(args):
+            results.setdefault(case, []).append(run_child(case))
     for name in TRAIN_CASES:
         for threads in ("default", "1"):
-            results[f"train-{name}-{threads}"] = [run_child(f"train-{name}-{threads}")]
+            results[f"train:{name}:{threads}"] = [run_child(f"train:{name}:{threads}")]
     print(report(args, results, host))
     print(f"\nload average at the end: {', '.join(f'{value:.2f}' for value in os.getloadavg())}")
 

@@ -43,6 +43,7 @@ from torch import Tensor
 from lightning_sae.callbacks.feature_recovery import RECOVERED_COSINE, max_cosine_similarities
 from lightning_sae.data.format import ACTIVATIONS, GROUND_TRUTH, open_for_reading
 from lightning_sae.data.synth import synth
+from lightning_sae.files import written_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -206,6 +207,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", help="config names (default: every configs/*.yaml but quickstart)")
     parser.add_argument("--quick", action="store_true", help="one small set: a smoke test of the benchmark")
     parser.add_argument("--no-saelens", action="store_true", help="skip SAELens even when it is installed")
+    parser.add_argument("--resume", action="store_true", help="skip the methods whose result is stored already")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "bench")
     parser.add_argument("--results", type=Path, default=None, help="JSON store (default: DATA_DIR/recipe_quality.json)")
     parser.add_argument("--out", type=Path, help="report (default docs/recipe_quality.md; with --quick, DATA_DIR/)")
@@ -221,17 +223,23 @@ def main() -> None:
     results["_machine"] = {"machine": machine()}
     for data in chosen.values():
         path = data.write(args.data_dir)
-        contenders = [lambda: fit_plain_topk(path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS, lr=PLAIN_LR)]
-        contenders += [
-            lambda config=config: fit_recipe(config, path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS)
+        contenders = {
+            PLAIN_TOPK: lambda: fit_plain_topk(path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS, lr=PLAIN_LR)
+        }
+        contenders |= {
+            config.stem: lambda config=config: fit_recipe(config, path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS)
             for config in configs
-        ]
+        }
         if saelens_available() and not args.no_saelens:
-            contenders += [
-                lambda arch=arch: fit_saelens(arch, path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS)
+            contenders |= {
+                f"SAELens {arch}": lambda arch=arch: fit_saelens(
+                    arch, path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS
+                )
                 for arch in ("topk", "jumprelu")
-            ]
-        for train in contenders:
+            }
+        for method, train in contenders.items():
+            if args.resume and f"{data.name}/{method}" in results:
+                continue
             result = score(train(), path)
             results[f"{data.name}/{result.method}"] = asdict(result)
             print(
@@ -239,7 +247,8 @@ def main() -> None:
                 f"FVU {result.fvu:.3f}  L0 {result.l0:.1f}  dead {result.dead:.0%}  {result.seconds:.0f} s",
                 flush=True,
             )
-            store.write_text(json.dumps(results, indent=1))
+            with written_atomically(store) as temporary:
+                temporary.write_text(json.dumps(results, indent=1))
     command = f".venv/bin/python benchmarks/recipe_quality.py {' '.join(sys.argv[1:])}".strip()
     out.write_text(report(results, sets, command))
     print(f"report: {out}")

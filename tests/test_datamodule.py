@@ -85,6 +85,31 @@ def test_batches_keep_the_stored_dtype_and_pair_targets_with_their_rows(id_file:
     assert torch.equal(x[:, 0], y[:, 0])
 
 
+def test_float16_rows_reach_a_bf16_mixed_step_as_float16(
+    tmp_path: Path, callback_trainer: Callable[..., Trainer]
+) -> None:
+    rows = np.random.default_rng(0).standard_normal((512, 8)).astype(np.float16)
+    with format.create(tmp_path / "h.h5", d_in=8, dtype="float16", chunk_rows=64) as file:
+        format.append(file, rows)
+    datamodule = ActivationDataModule(str(tmp_path / "h.h5"), batch_size=64, val_rows=64)
+    datamodule.setup("fit")
+
+    class SeenBatches(Callback):
+        def __init__(self) -> None:
+            self.dtypes: list[torch.dtype] = []
+
+        def on_train_batch_start(self, trainer: Trainer, module: LightningModule, batch: Any, batch_idx: int) -> None:
+            self.dtypes.append(batch[0].dtype)
+
+    model = SparseAutoencoder(d_in=8, d_sae=16, input_scale=datamodule.input_scale)
+    before = model.W_dec.detach().clone()
+    seen = SeenBatches()
+    callback_trainer(3, [seen], precision="bf16-mixed").fit(model, datamodule=datamodule)
+    assert seen.dtypes == [torch.float16] * 3  # no float32 copy of a batch on the host: it widens on the device
+    assert model.W_dec.dtype == torch.float32 and torch.isfinite(model.W_dec).all()
+    assert not torch.equal(model.W_dec, before)
+
+
 def test_scale_is_estimated_on_training_rows_only_and_deterministically(id_file: Callable[..., Path]) -> None:
     path = id_file("s.h5", 512, d_in=6, d_out=3, chunk_rows=32)
     with h5py.File(path, "a") as file:
@@ -177,7 +202,7 @@ def test_a_corrupt_chunk_fails_with_a_clear_message(tmp_path: Path) -> None:
         file.create_dataset(format.ACTIVATIONS, data=x, chunks=(16, 4), compression="gzip")
     corrupt_chunk(tmp_path / "gz.h5")
     datamodule = fit_module(tmp_path / "gz.h5", batch_size=8, val_rows=8, shuffle=False)
-    with pytest.raises(UserError, match=r"^\S*gz.h5: cannot read 'activations' rows 16-24 \(.*corrupted\?$"):
+    with pytest.raises(UserError, match=r"^\S*gz.h5: cannot read 'activations' rows 16-32 \(.*corrupted\?$"):
         batch_ids(datamodule.train_dataloader())
 
 
@@ -285,8 +310,14 @@ def test_a_file_still_being_cached_trains_on_its_committed_rows(tmp_path: Path) 
         assert writer.stdout is not None and writer.stdout.readline().strip() == b"committed"
         data = ActivationDataModule(str(path), batch_size=256, val_rows=256, buffer_rows=1024)
         model = SparseAutoencoder(d_in=data.d_in, d_sae=16, input_scale=data.input_scale)
-        Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False).fit(model, datamodule=data)
+        Trainer(
+            accelerator="cpu",
+            max_steps=10,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(model, datamodule=data)
         assert data.infos[0].n_rows == 2048
         assert torch.isfinite(model.W_enc).all()
     finally:

@@ -18,8 +18,8 @@ from lightning_sae.data.stream import (
     ActivationStream,
     BlockSequence,
     RowBlock,
+    RowBytes,
     all_finite,
-    byte_ranges,
     read_block,
     split_blocks,
 )
@@ -114,9 +114,11 @@ def test_seek_skips_exactly_and_reads_nothing_of_skipped_windows(
     source = make_stream([id_file("a.h5", 256, chunk_rows=16)], batch_size=8, buffer_rows=64)
     full = ids(source)
     read: list[int] = []
-    real_read_into = stream.read_into
+    real_read = stream.OpenFiles.read
     monkeypatch.setattr(
-        stream, "read_into", lambda dataset, block, out, *check: read.append(block.rows) or real_read_into(dataset, block, out, *check)
+        stream.OpenFiles,
+        "read",
+        lambda files, pieces, x, y: read.extend(p.rows for p in pieces) or real_read(files, pieces, x, y),
     )
     for skip in (0, 3, 8, 19, 32):
         read.clear()
@@ -139,14 +141,28 @@ def test_memory_is_bounded_by_the_buffer(id_file: Callable[..., Path]) -> None:
     source = make_stream([id_file("a.h5", 8192, d_in=64, chunk_rows=256)], batch_size=128, buffer_rows=1000)
     assert source.window_rows == 896  # rounded down to whole batches
     window_bytes = 896 * 64 * 4
-    tracemalloc.start()
+    tracemalloc.start()  # sees numpy's allocations (the batches), not the windows' anonymous memory
     try:
         batches = sum(1 for _ in source)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert batches == 64
-    assert peak < 2 * window_bytes + 4 * 128 * 64 * 4  # two window buffers and a few batches, not the 2 MiB file
+    assert peak < 4 * 128 * 64 * 4  # a few batches at a time, not the 2 MiB file
+    assert [x.nbytes for x, _ in source._spare_windows] == [window_bytes, window_bytes]
+    kept = [x.ctypes.data for x, _ in source._spare_windows]
+    assert sum(1 for _ in source) == 64
+    assert [x.ctypes.data for x, _ in source._spare_windows] == kept  # the next pass reuses them
+
+
+def test_two_passes_at_once_never_share_a_window(id_file: Callable[..., Path]) -> None:
+    source = make_stream([id_file("a.h5", 256, chunk_rows=16)], batch_size=8, buffer_rows=32)
+    alone = [ids(source), ids(source)]  # epochs 0 and 1, one after the other
+    source.seek(0, 0)
+    first, second = iter(source), iter(source)
+    together = [(next(first), next(second)) for _ in range(32)]  # epochs 0 and 1 interleaved
+    assert [batch.tolist() for batch in ids(pair[0] for pair in together)] == [batch.tolist() for batch in alone[0]]
+    assert [batch.tolist() for batch in ids(pair[1] for pair in together)] == [batch.tolist() for batch in alone[1]]
 
 
 def test_float16_stays_float16_and_targets_follow_their_rows(id_file: Callable[..., Path], tmp_path: Path) -> None:
@@ -169,22 +185,64 @@ def test_read_block_names_the_file_and_row_of_a_nan(id_file: Callable[..., Path]
         read_block(file, RowBlock(0, 32, 48), with_targets=True)
 
 
-@pytest.mark.parametrize("chunks", [None, (8, 3), (8, 1)])
-def test_byte_ranges_hold_the_rows_of_a_block(tmp_path: Path, chunks: tuple[int, int] | None) -> None:
+@pytest.mark.parametrize("layout", ["contiguous", "chunked", "column chunks", "gzip", "big-endian"])
+def test_row_bytes_spans_hold_exactly_the_rows(tmp_path: Path, layout: str) -> None:
     rows = np.arange(60, dtype=np.float32).reshape(20, 3)
+    options = {
+        "contiguous": {},
+        "chunked": {"chunks": (8, 3)},
+        "column chunks": {"chunks": (8, 1)},
+        "gzip": {"chunks": (8, 3), "compression": "gzip"},
+        "big-endian": {"dtype": ">f4"},
+    }[layout]
     with h5py.File(tmp_path / "f.h5", "w") as file:
-        dataset = file.create_dataset("activations", data=rows, chunks=chunks)
-        ranges = list(byte_ranges(dataset, RowBlock(0, 5, 13)))
+        spans = RowBytes(file.create_dataset("activations", data=rows, **options)).spans(5, 13)
+    if layout in ("column chunks", "gzip", "big-endian"):
+        assert spans is None  # rows are not plain bytes there: h5py reads them
+        return
+    assert spans is not None
     data = (tmp_path / "f.h5").read_bytes()
-    found = np.concatenate(
-        [np.frombuffer(data[offset : offset + size], np.float32) for offset, size in ranges or [(0, 0)]]
-    )
-    if chunks == (8, 1):
-        assert ranges == []  # chunks split rows: no simple range, no hint
-    elif chunks is None:
-        assert np.array_equal(found, rows[5:13].ravel())
-    else:
-        assert np.array_equal(found, rows[0:16].ravel())  # the two whole chunks holding rows 5-12
+    found = np.concatenate([np.frombuffer(data[offset : offset + rows * 12], np.float32) for offset, _, rows in spans])
+    assert np.array_equal(found, rows[5:13].ravel())
+    assert [(first, count) for _, first, count in spans] == [(5, 8)]  # neighbouring chunks are one read
+
+
+@pytest.mark.parametrize("options", [{"compression": "gzip"}, {"chunks": (16, 1)}], ids=["gzip", "column chunks"])
+def test_layouts_without_plain_bytes_stream_the_same_rows(
+    id_file: Callable[..., Path], tmp_path: Path, options: dict[str, object]
+) -> None:
+    plain = id_file("plain.h5", 100, d_out=2)
+    other = tmp_path / "other.h5"
+    with h5py.File(plain, "r") as source, h5py.File(other, "w") as copy:
+        for name, value in source.attrs.items():
+            copy.attrs[name] = value
+        for name in (format.ACTIVATIONS, format.TARGETS):
+            copy.create_dataset(
+                name,
+                data=source[name][:],
+                maxshape=(None, source[name].shape[1]),
+                **{"chunks": (16, source[name].shape[1]), **options},
+            )
+    for shuffle in (True, False):
+        first = make_stream([plain], batch_size=8, buffer_rows=32, shuffle=shuffle)
+        second = make_stream([other], batch_size=8, buffer_rows=32, shuffle=shuffle)
+        for (x1, y1), (x2, y2) in zip(first, second, strict=True):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_a_file_cut_short_while_streamed_is_one_clear_error(id_file: Callable[..., Path]) -> None:
+    path = id_file("a.h5", 256, chunk_rows=16)
+    with h5py.File(path, "r") as file:
+        spans = RowBytes(file[format.ACTIVATIONS]).spans(192, 193)
+    assert spans is not None
+    batches = iter(make_stream([path], batch_size=8, buffer_rows=64, shuffle=False))
+    next(batches)  # the file is open and its first windows are read
+    with open(path, "r+b") as file:
+        file.truncate(spans[0][0])
+    with pytest.raises(UserError, match="a.h5: rows from 192 end early; is the file truncated"):
+        list(batches)
+    with pytest.raises(UserError, match="a.h5 as HDF5 .*is the file truncated"):
+        list(make_stream([path], batch_size=8, buffer_rows=64))
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])

@@ -62,8 +62,11 @@ def open_for_reading(path: str | Path) -> h5py.File:
     """Open an activation file read-only without HDF5's file lock, so that it can be read while a
     ``cache`` run still appends to it (rows up to ``committed_rows`` are complete). Every reader
     opens files this way: HDF5 refuses two opens of one file in a process with different lock
-    settings."""
-    return h5py.File(path, "r", locking=False)
+    settings. A file HDF5 cannot open is a ``UserError``."""
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        raise UserError(f"cannot read {path} as HDF5 ({exc}); is the file truncated?") from exc
 
 
 def read_info(path: str | Path) -> ActivationFileInfo:
@@ -71,11 +74,7 @@ def read_info(path: str | Path) -> ActivationFileInfo:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"activation file not found: {path}")
-    try:
-        file = open_for_reading(path)
-    except OSError as exc:
-        raise UserError(f"cannot read {path} as HDF5 ({exc}); is the file truncated?") from exc
-    with file:
+    with open_for_reading(path) as file:
         if ACTIVATIONS not in file:
             raise UserError(f"{path} has no '{ACTIVATIONS}' dataset (found: {sorted(file.keys())})")
         acts = file[ACTIVATIONS]

@@ -6,12 +6,13 @@ off) and the concatenated rows are cut into equal contiguous shards, one per (ra
 ranks and workers read disjoint rows and their union covers the data once.
 
 A shard is read in windows of ``buffer_rows`` rows (rounded down to whole batches) straight into
-preallocated buffers; the window's rows are permuted (seeded by seed, epoch, shard and window)
-and cut into batches by one gather each, while a background thread reads the next window into a
-second buffer. Memory stays bounded by the two buffers (per worker), a resumed run skips whole
-windows without reading them, and the kernel is asked to fetch the window after next from the
-disk. Without shuffling, each batch is read straight
-from the file and no buffer is kept.
+preallocated buffers; the window's rows are permuted (seeded by seed, epoch, shard and window;
+kept in order without shuffling) and cut into batches by one gather (or slice copy) each, while a
+background thread reads the next window into a second buffer. Rows are read with ``os.preadv``
+from the bytes HDF5 stored them in, which releases the GIL (h5py's own read holds it and would
+stop the gather), falling back to h5py for compressed or column-chunked data. Memory stays bounded
+by the two buffers (per worker), a resumed run skips whole windows without reading them, and the
+kernel is asked to fetch the window after next from the disk.
 
 Every shard yields the same number of batches, so every rank does (DDP would hang otherwise).
 Training (``drop_last``) shards hold ``n·batch_size`` rows each with n = ⌊rows / (shards·batch_size)⌋:
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import mmap
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -169,6 +171,91 @@ def distributed_position() -> tuple[int, int]:
     return 0, 1
 
 
+def huge_page_array(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array in anonymous memory advised to use transparent huge pages
+    (``MADV_HUGEPAGE``; a no-op where the kernel has none): one fault per 2 MiB, not per 4 KiB."""
+    size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    memory = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(memory, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+def gather(rows: np.ndarray, chosen: np.ndarray | slice) -> np.ndarray:
+    """A new array of ``rows[chosen]``: a gather for shuffled positions, one copy for a slice."""
+    return np.take(rows, chosen, axis=0) if isinstance(chosen, np.ndarray) else rows[chosen].copy()
+
+
+class RowBytes:
+    """Where the rows of one dataset lie in its file, when they lie there as plain bytes.
+
+    True of an unfiltered dataset stored contiguously or in chunks of whole rows, in the
+    machine's byte order, in a file on HDF5's default (sec2) driver: rows ``[a, b)`` of a chunk
+    are then ``(b − a)·row_bytes`` consecutive bytes. Chunk addresses are looked up once each.
+    """
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self.dataset = dataset
+        self.row_bytes = dataset.shape[1] * dataset.dtype.itemsize
+        self.chunk_rows = dataset.chunks[0] if dataset.chunks is not None else None
+        self.plain = (
+            dataset.file.driver == "sec2"
+            and dataset.id.get_create_plist().get_nfilters() == 0
+            and dataset.dtype.isnative
+            and (dataset.chunks is None or dataset.chunks[1] == dataset.shape[1])
+        )
+        self.chunk_offsets: dict[int, int | None] = {}
+
+    def spans(self, start: int, stop: int) -> list[tuple[int, int, int]] | None:
+        """``(byte offset, first row, rows)`` of each stretch of rows ``[start, stop)`` that is one run
+        of bytes in the file (neighbouring chunks merged), or None where the layout is not plain
+        or some chunk is not yet written."""
+        if not self.plain:
+            return None
+        if self.chunk_rows is None:
+            offset = self._offset(0)
+            return None if offset is None else [(offset + start * self.row_bytes, start, stop - start)]
+        spans: list[tuple[int, int, int]] = []
+        for chunk_start in range(start - start % self.chunk_rows, stop, self.chunk_rows):
+            offset = self._offset(chunk_start)
+            if offset is None:
+                return None
+            first, last = max(start, chunk_start), min(stop, chunk_start + self.chunk_rows)
+            offset += (first - chunk_start) * self.row_bytes
+            if spans and spans[-1][0] + spans[-1][2] * self.row_bytes == offset:
+                spans[-1] = (spans[-1][0], spans[-1][1], spans[-1][2] + last - first)
+            else:
+                spans.append((offset, first, last - first))
+        return spans
+
+    def _offset(self, chunk_start: int) -> int | None:
+        """Byte offset of the chunk starting at row ``chunk_start`` (of the data when contiguous)."""
+        if chunk_start not in self.chunk_offsets:
+            if self.chunk_rows is None:
+                self.chunk_offsets[chunk_start] = self.dataset.id.get_offset()
+            else:
+                info = self.dataset.id.get_chunk_info_by_coord((chunk_start, 0))
+                self.chunk_offsets[chunk_start] = info.byte_offset
+        return self.chunk_offsets[chunk_start]
+
+
+def pread_into(descriptor: int, spans: list[tuple[int, int, int]], row_bytes: int, out: np.ndarray, path: Path) -> None:
+    """Read ``spans`` (from :meth:`RowBytes.spans`, rows in order) one after another into ``out``.
+
+    ``os.preadv`` copies from the page cache (or the disk) straight into ``out`` without the GIL.
+    """
+    flat = out.reshape(-1).view(np.uint8)
+    position = 0
+    for offset, first_row, rows in spans:
+        view = memoryview(flat[position : position + rows * row_bytes])
+        while len(view):
+            done = os.preadv(descriptor, [view], offset)
+            if done == 0:
+                raise UserError(f"{path}: rows from {first_row} end early; is the file truncated?")
+            view, offset = view[done:], offset + done
+        position += rows * row_bytes
+
+
 class OpenFiles:
     """The files one pass reads, opened on first use by the process that iterates (a worker)."""
 
@@ -176,63 +263,49 @@ class OpenFiles:
         self.paths = paths
         self.names = (ACTIVATIONS, TARGETS) if with_targets else (ACTIVATIONS,)
         self.files: dict[int, h5py.File] = {}
-        self.opened: dict[int, list[h5py.Dataset]] = {}
+        self.descriptors: dict[int, int] = {}
+        self.layouts: dict[int, list[RowBytes]] = {}
 
-    def datasets(self, index: int) -> list[h5py.Dataset]:
+    def datasets(self, index: int) -> list[RowBytes]:
         """``activations`` (and ``targets``) of file ``index``, looked up once: a lookup costs a
         fifth of a 4 MiB read."""
-        if index not in self.opened:
+        if index not in self.layouts:
             self.files[index] = open_for_reading(self.paths[index])
-            self.opened[index] = [self.files[index][name] for name in self.names]
-        return self.opened[index]
+            self.descriptors[index] = os.open(self.paths[index], os.O_RDONLY)
+            self.layouts[index] = [RowBytes(self.files[index][name]) for name in self.names]
+        return self.layouts[index]
 
-    def read(self, pieces: list[RowBlock], x: np.ndarray, y: np.ndarray | None, check_finite: bool = True) -> None:
-        """Read ``pieces`` one after another into ``x`` (and ``y``)."""
+    def read(self, pieces: list[RowBlock], x: np.ndarray, y: np.ndarray | None) -> None:
+        """Read ``pieces`` one after another into ``x`` (and ``y``), with ``os.preadv`` where the
+        layout allows, else with h5py. Not checked for NaN or Inf (the caller checks its batches)."""
         position = 0
         for piece in pieces:
-            datasets = self.datasets(piece.file)
-            read_into(datasets[0], piece, x[position : position + piece.rows], check_finite)
-            if y is not None:
-                read_into(datasets[1], piece, y[position : position + piece.rows], check_finite)
+            for layout, out in zip(self.datasets(piece.file), (x, y)):
+                assert out is not None
+                rows = out[position : position + piece.rows]
+                spans = layout.spans(piece.start, piece.stop)
+                if spans is None:
+                    read_into(layout.dataset, piece, rows, check_finite=False)
+                else:
+                    pread_into(self.descriptors[piece.file], spans, layout.row_bytes, rows, self.paths[piece.file])
             position += piece.rows
 
     def read_ahead(self, pieces: list[RowBlock]) -> None:
-        """Ask the kernel to start reading ``pieces`` from the disk (``posix_fadvise`` WILLNEED).
-
-        Only a hint: files not on the default (sec2) driver and layouts without a simple byte
-        range per block are left to the kernel's own read-ahead.
-        """
+        """Ask the kernel to start reading ``pieces`` from the disk (``posix_fadvise`` WILLNEED):
+        blocks come in random order, which its own read-ahead cannot guess. Only where the bytes
+        of the rows are known; elsewhere the kernel's read-ahead is left to itself."""
         for piece in pieces:
-            datasets = self.datasets(piece.file)
-            file = self.files[piece.file]
-            if file.driver != "sec2":
-                continue
-            descriptor = file.id.get_vfd_handle()
-            for dataset in datasets:
-                for offset, size in byte_ranges(dataset, piece):
-                    os.posix_fadvise(descriptor, offset, size, os.POSIX_FADV_WILLNEED)
+            for layout in self.datasets(piece.file):
+                for offset, _, rows in layout.spans(piece.start, piece.stop) or []:
+                    os.posix_fadvise(
+                        self.descriptors[piece.file], offset, rows * layout.row_bytes, os.POSIX_FADV_WILLNEED
+                    )
 
     def close(self) -> None:
         for file in self.files.values():
             file.close()
-
-
-def byte_ranges(dataset: h5py.Dataset, block: RowBlock) -> Iterator[tuple[int, int]]:
-    """(offset, size) in the file of the bytes holding ``block``'s rows of ``dataset``.
-
-    Known for a contiguous dataset and for chunks spanning whole rows; none otherwise.
-    """
-    if dataset.chunks is None:
-        offset = dataset.id.get_offset()
-        if offset is not None:
-            row_bytes = dataset.shape[1] * dataset.dtype.itemsize
-            yield offset + block.start * row_bytes, block.rows * row_bytes
-    elif dataset.chunks[1] == dataset.shape[1]:
-        chunk_rows = dataset.chunks[0]
-        for start in range(block.start - block.start % chunk_rows, block.stop, chunk_rows):
-            info = dataset.id.get_chunk_info_by_coord((start, 0))
-            if info.byte_offset is not None:
-                yield info.byte_offset, info.size
+        for descriptor in self.descriptors.values():
+            os.close(descriptor)
 
 
 class ActivationStream(IterableDataset):
@@ -270,6 +343,11 @@ class ActivationStream(IterableDataset):
         self.rank, self.world_size = distributed_position()
         self.epoch = 0
         self.skip = 0
+        self._spare_windows: list[tuple[np.ndarray, np.ndarray | None]] = []
+
+    def __getstate__(self) -> dict[str, object]:
+        """What a worker process gets: everything but the window buffers (it allocates its own)."""
+        return {**self.__dict__, "_spare_windows": []}
 
     def seek(self, epoch: int, batches: int) -> None:
         """Make the next ``iter()`` yield epoch ``epoch`` without its first ``batches`` batches.
@@ -320,32 +398,29 @@ class ActivationStream(IterableDataset):
         rows = BlockSequence(self.block_order(epoch).slice(start, stop))
         files = OpenFiles(self.paths, self.with_targets)
         try:
-            if self.shuffle:
-                yield from self._shuffled_batches(rows, files, epoch, shard, skip)
-            else:
-                for batch_start in range(skip * self.batch_size, rows.rows, self.batch_size):
-                    n = min(self.batch_size, rows.rows - batch_start)
-                    x, y = self._buffers(n)
-                    files.read(rows.slice(batch_start, batch_start + n), x, y)
-                    yield self._tensors(x, y)
+            yield from self._window_batches(rows, files, epoch, shard, skip)
         finally:
             files.close()
 
-    def _shuffled_batches(
+    def _window_batches(
         self, rows: BlockSequence, files: OpenFiles, epoch: int, shard: int, skip: int
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches of ``rows`` shuffled window by window, after the first ``skip`` batches.
+    ) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Batches of ``rows`` window by window (rows permuted within each window when shuffling),
+        after the first ``skip`` batches.
 
         Two window buffers alternate: while one is cut into batches, a background thread reads the
-        next window into the other (HDF5's copy and numpy's gather release the GIL, so they overlap
-        on two cores), and the kernel is asked to fetch the window after that from the disk:
-        blocks come in random order, which its own read-ahead cannot guess. The reading thread is
-        the slower one, so the NaN/Inf check runs on each gathered batch instead.
+        next window into the other (``os.preadv`` and numpy's gather release the GIL, so they
+        overlap on two cores), and the kernel is asked to fetch the window after that from the
+        disk. Each batch is a fresh array (the trainer may still hold the previous one when the
+        buffer is refilled) and is checked for NaN and Inf, which costs a tenth of the gather.
+        The buffers are kept for the next pass: first touching fresh memory is slower than
+        reading it from the page cache.
         """
-        size = min(self.window_rows, rows.rows)
-        buffers = [self._buffers(size), self._buffers(size)]
         first_window = skip * self.batch_size // self.window_rows
         starts = list(range(first_window * self.window_rows, rows.rows, self.window_rows))
+        if not starts:
+            return
+        buffers = self._take_windows(min(self.window_rows, rows.rows))
 
         def read_window(index: int) -> tuple[np.ndarray, np.ndarray | None]:
             window_start = starts[index]
@@ -353,37 +428,48 @@ class ActivationStream(IterableDataset):
             n = min(self.window_rows, rows.rows - window_start)
             buffer_x, buffer_y = buffers[index % 2]
             x, y = buffer_x[:n], buffer_y[:n] if buffer_y is not None else None
-            files.read(rows.slice(window_start, window_start + n), x, y, check_finite=False)
+            files.read(rows.slice(window_start, window_start + n), x, y)
             return x, y
 
-        if not starts:
-            return
         files.read_ahead(rows.slice(starts[0], starts[0] + self.window_rows))
-        with ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(read_window, 0)
-            for index, window_start in enumerate(starts):
-                x, y = pending.result()
-                if index + 1 < len(starts):
-                    pending = reader.submit(read_window, index + 1)
-                n = len(x)
-                window = window_start // self.window_rows
-                permutation = np.random.default_rng((self.seed, epoch, shard, window)).permutation(n)
-                first = max(skip * self.batch_size - window_start, 0)
-                for batch_start in range(first, n, self.batch_size):
-                    positions = permutation[batch_start : batch_start + self.batch_size]
-                    batch_x = np.take(x, positions, axis=0)
-                    batch_y = np.take(y, positions, axis=0) if y is not None else None
-                    for name, batch in ((ACTIVATIONS, batch_x), (TARGETS, batch_y)):
-                        if batch is not None and not all_finite(batch):
-                            position = window_start + int(positions[first_not_finite(batch)])
-                            bad = rows.slice(position, position + 1)[0]
-                            raise not_finite_error(self.paths[bad.file], name, bad.start)
-                    yield self._tensors(batch_x, batch_y)
+        try:
+            with ThreadPoolExecutor(max_workers=1) as reader:
+                pending = reader.submit(read_window, 0)
+                for index, window_start in enumerate(starts):
+                    x, y = pending.result()
+                    if index + 1 < len(starts):
+                        pending = reader.submit(read_window, index + 1)
+                    n = len(x)
+                    window = window_start // self.window_rows
+                    seed = (self.seed, epoch, shard, window)
+                    order = np.random.default_rng(seed).permutation(n) if self.shuffle else None
+                    first = max(skip * self.batch_size - window_start, 0)
+                    for batch_start in range(first, n, self.batch_size):
+                        batch_stop = min(batch_start + self.batch_size, n)
+                        chosen = order[batch_start:batch_stop] if order is not None else slice(batch_start, batch_stop)
+                        batch_x, batch_y = gather(x, chosen), None if y is None else gather(y, chosen)
+                        for name, batch in ((ACTIVATIONS, batch_x), (TARGETS, batch_y)):
+                            if batch is not None and not all_finite(batch):
+                                position = window_start + int(np.arange(n)[chosen][first_not_finite(batch)])
+                                bad = rows.slice(position, position + 1)[0]
+                                raise not_finite_error(self.paths[bad.file], name, bad.start)
+                        yield self._tensors(batch_x, batch_y)
+        finally:
+            self._spare_windows = buffers
 
-    def _buffers(self, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Empty (activations, targets or None) arrays of ``rows`` rows in the first file's dtype."""
-        x = np.empty((rows, self.widths[0]), dtype=self.dtype)
-        return x, np.empty((rows, self.widths[1]), dtype=self.dtype) if self.with_targets else None
+    def _take_windows(self, rows: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Two window buffers of at least ``rows`` rows: the last pass's when it left them, else new
+        ones. A pass owns them until it ends, so two passes at once never share one."""
+        buffers, self._spare_windows = self._spare_windows, []
+        if len(buffers) == 2 and len(buffers[0][0]) >= rows:
+            return buffers
+        return [self._window_buffer(rows), self._window_buffer(rows)]
+
+    def _window_buffer(self, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Empty (activations, targets or None) arrays of ``rows`` rows in the first file's dtype,
+        on transparent huge pages where the kernel offers them (first touch is then 2× faster)."""
+        x = huge_page_array((rows, self.widths[0]), self.dtype)
+        return x, huge_page_array((rows, self.widths[1]), self.dtype) if self.with_targets else None
 
     @staticmethod
     def _tensors(x: np.ndarray, y: np.ndarray | None) -> tuple[Tensor, Tensor | None]:

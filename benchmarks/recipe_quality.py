@@ -77,9 +77,18 @@ class SyntheticSet:
         path = self.path(directory)
         if not path.exists():
             synth(
-                out=path, n_rows=self.file_rows + VAL_ROWS, d_in=self.d_in, n_features=self.n_features,
-                mean_active=self.true_l0, exponent=self.exponent, offset=self.offset, min_magnitude=0.5,
-                max_magnitude=1.5, noise=0.01, dtype="float16" if self.d_in > 128 else "float32", seed=1,
+                out=path,
+                n_rows=self.file_rows + VAL_ROWS,
+                d_in=self.d_in,
+                n_features=self.n_features,
+                mean_active=self.true_l0,
+                exponent=self.exponent,
+                offset=self.offset,
+                min_magnitude=0.5,
+                max_magnitude=1.5,
+                noise=0.01,
+                dtype="float16" if self.d_in > 128 else "float32",
+                seed=1,
             )
         return path
 
@@ -223,18 +232,14 @@ def main() -> None:
     results["_machine"] = {"machine": machine()}
     for data in chosen.values():
         path = data.write(args.data_dir)
-        contenders = {
-            PLAIN_TOPK: lambda: fit_plain_topk(path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS, lr=PLAIN_LR)
-        }
+        budget = (path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS)
+        contenders = {PLAIN_TOPK: lambda budget=budget: fit_plain_topk(*budget, lr=PLAIN_LR)}
         contenders |= {
-            config.stem: lambda config=config: fit_recipe(config, path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS)
-            for config in configs
+            config.stem: lambda config=config, budget=budget: fit_recipe(config, *budget) for config in configs
         }
         if saelens_available() and not args.no_saelens:
             contenders |= {
-                f"SAELens {arch}": lambda arch=arch: fit_saelens(
-                    arch, path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS
-                )
+                f"SAELens {arch}": lambda arch=arch, budget=budget: fit_saelens(arch, *budget)
                 for arch in ("topk", "jumprelu")
             }
         for method, train in contenders.items():

@@ -34,6 +34,7 @@ from machine import machine
 
 from lightning_sae.data.format import ACTIVATIONS, open_for_reading, read_info
 from lightning_sae.export import export
+from lightning_sae.files import written_atomically
 from lightning_sae.lm.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,9 +146,13 @@ def main() -> None:
     for train in contenders:
         result = downstream(train(), args.data, args.text)
         results[result["method"]] = result
-        print(f"{result['method']:22} ΔCE {result['delta_ce']:.4f}  KL {result['kl']:.4f}  L0 {result['l0']:.1f}  "
-              f"FVU {result['fvu']:.3f}  dead {result['dead']:.0%}  {result['seconds']:.0f} s", flush=True)
-        args.results.write_text(json.dumps(results, indent=1))
+        print(
+            f"{result['method']:22} ΔCE {result['delta_ce']:.4f}  KL {result['kl']:.4f}  L0 {result['l0']:.1f}  "
+            f"FVU {result['fvu']:.3f}  dead {result['dead']:.0%}  {result['seconds']:.0f} s",
+            flush=True,
+        )
+        with written_atomically(args.results) as temporary:
+            temporary.write_text(json.dumps(results, indent=1))
     command = f".venv/bin/python benchmarks/recipe_real_text.py {' '.join(sys.argv[1:])}".strip()
     args.out.write_text(report(results, args, command))
     print(f"report: {args.out}")

@@ -278,10 +278,10 @@ class OpenFiles:
     def read(self, pieces: list[RowBlock], x: np.ndarray, y: np.ndarray | None) -> None:
         """Read ``pieces`` one after another into ``x`` (and ``y``), with ``os.preadv`` where the
         layout allows, else with h5py. Not checked for NaN or Inf (the caller checks its batches)."""
+        outputs = (x,) if y is None else (x, y)
         position = 0
         for piece in pieces:
-            for layout, out in zip(self.datasets(piece.file), (x, y)):
-                assert out is not None
+            for layout, out in zip(self.datasets(piece.file), outputs, strict=True):
                 rows = out[position : position + piece.rows]
                 spans = layout.spans(piece.start, piece.stop)
                 if spans is None:

@@ -266,9 +266,9 @@ class OpenFiles:
         self.descriptors: dict[int, int] = {}
         self.layouts: dict[int, list[RowBytes]] = {}
 
-    def datasets(self, index: int) -> list[RowBytes]:
-        """``activations`` (and ``targets``) of file ``index``, looked up once: a lookup costs a
-        fifth of a 4 MiB read."""
+    def layouts_of(self, index: int) -> list[RowBytes]:
+        """Where ``activations`` (and ``targets``) of file ``index`` lie, looked up once: a lookup
+        costs a fifth of a 4 MiB read."""
         if index not in self.layouts:
             self.files[index] = open_for_reading(self.paths[index])
             self.descriptors[index] = os.open(self.paths[index], os.O_RDONLY)
@@ -281,7 +281,7 @@ class OpenFiles:
         outputs = (x,) if y is None else (x, y)
         position = 0
         for piece in pieces:
-            for layout, out in zip(self.datasets(piece.file), outputs, strict=True):
+            for layout, out in zip(self.layouts_of(piece.file), outputs, strict=True):
                 rows = out[position : position + piece.rows]
                 spans = layout.spans(piece.start, piece.stop)
                 if spans is None:
@@ -295,7 +295,7 @@ class OpenFiles:
         Only where the bytes of the rows are known; elsewhere the kernel's read-ahead is left to
         itself."""
         for piece in pieces:
-            for layout in self.datasets(piece.file):
+            for layout in self.layouts_of(piece.file):
                 for offset, _, rows in layout.spans(piece.start, piece.stop) or []:
                     os.posix_fadvise(
                         self.descriptors[piece.file], offset, rows * layout.row_bytes, os.POSIX_FADV_WILLNEED

@@ -139,6 +139,11 @@ class Encoder(nn.Module):
             "for a > 0), or leave out DecoderNormFolding and the export"
         )
 
+    def learning_rate_scales(self) -> dict[str, float]:
+        """Multipliers of the model's learning rate for some of this encoder's own parameters, by
+        parameter name (the others: 1)."""
+        return {}
+
     @classmethod
     def can_fold(cls) -> bool:
         """Whether the encoder implements :meth:`rescale_`, so that the SAE can be folded."""
@@ -185,6 +190,7 @@ class JumpReLU(Encoder):
         initial_log_threshold: float = 0.1,
         ste: SteVariant = "anthropic",
         threshold_units: ThresholdUnits = "pre_activation",
+        threshold_lr_scale: float = 1.0,
     ) -> None:
         """
         Args:
@@ -195,12 +201,18 @@ class JumpReLU(Encoder):
                 the thresholds (Rajamanoharan et al. 2024).
             threshold_units: "pre_activation": the jump at h = exp(t), as seed 000 and the paper
                 write it; "effective": at h·‖W_d,i‖ = exp(t).
+            threshold_lr_scale: Multiplier of the model's learning rate for the log-thresholds t (1: one
+                learning rate, as in seed 000 and the paper). Adam moves t by about the learning rate
+                per step, so at weight learning rates a threshold needs thousands of steps to move by
+                a factor e.
         """
         super().__init__(d_sae)
         if bandwidth <= 0:
             raise UserError(f"JumpReLU bandwidth must be positive, got {bandwidth}")
         if ste not in ("anthropic", "paper"):
             raise UserError(f"JumpReLU ste must be 'anthropic' or 'paper', got {ste!r}")
+        if not threshold_lr_scale > 0:
+            raise UserError(f"JumpReLU threshold_lr_scale must be positive, got {threshold_lr_scale}")
         if threshold_units not in ("pre_activation", "effective"):
             raise UserError(
                 f"JumpReLU threshold_units must be 'pre_activation' or 'effective', got {threshold_units!r}"
@@ -208,6 +220,7 @@ class JumpReLU(Encoder):
         self.bandwidth = bandwidth
         self.ste = ste
         self.threshold_units = threshold_units
+        self.threshold_lr_scale = threshold_lr_scale
         self.log_threshold = nn.Parameter(torch.full((d_sae,), float(initial_log_threshold)))
 
     def _gated(self, pre_acts: Tensor, decoder_norms: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -225,6 +238,9 @@ class JumpReLU(Encoder):
         """H(h − exp(t)) (or H(h·‖W_d‖ − exp(t))) with this encoder's STE: the differentiable L0 indicator."""
         gated, _ = self._gated(pre_acts, decoder_norms)
         return StepFunction.apply(gated, self.log_threshold, self.bandwidth, self.ste)
+
+    def learning_rate_scales(self) -> dict[str, float]:
+        return {"log_threshold": self.threshold_lr_scale}
 
     def threshold(self, decoder_norms: Tensor) -> Tensor:
         threshold = self.log_threshold.exp()

@@ -314,8 +314,13 @@ class SparseAutoencoder(LightningModule):
         unscales the gradients, which it then would have to do inside the fused step.
         """
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        parameters = dict(self.named_parameters())
+        groups = [
+            {"params": [parameters[name] for name in names], "lr": self.learning_rate() * scale}
+            for scale, names in self.parameter_groups()
+        ]
         optimizer = torch.optim.Adam(
-            self.parameters(),
+            groups,
             lr=self.learning_rate(),
             betas=self.hparams.betas,
             weight_decay=0.0,
@@ -333,6 +338,19 @@ class SparseAutoencoder(LightningModule):
             decay_fraction=self.hparams.lr_decay_fraction,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def parameter_groups(self) -> list[tuple[float, list[str]]]:
+        """The optimizer's parameter groups, as (multiplier of the learning rate, parameter names).
+
+        The multiplier-1 group comes first (its learning rate is the one logged); parameters the
+        encoder gives another multiplier (:meth:`Encoder.learning_rate_scales`, e.g. JumpReLU's
+        thresholds) form a group per multiplier.
+        """
+        scales = {f"encoder.{name}": scale for name, scale in self.encoder.learning_rate_scales().items()}
+        groups: dict[float, list[str]] = {1.0: []}
+        for name, _ in self.named_parameters():
+            groups.setdefault(float(scales.get(name, 1.0)), []).append(name)
+        return [(scale, names) for scale, names in groups.items() if names]
 
     def configure_gradient_clipping(
         self,
@@ -372,6 +390,30 @@ class SparseAutoencoder(LightningModule):
         schedule = self.lr_schedulers()
         assert isinstance(schedule, WarmupDecaySchedule)
         schedule.restart_warmup()
+
+    @torch.no_grad()
+    def reset_optimizer_state_(self, optimizers: Iterable[Optimizer], indices: Tensor) -> None:
+        """Zero the optimizers' per-element state (Adam's exp_avg, exp_avg_sq) of features ``indices``:
+        their W_enc columns, b_enc entries and W_dec rows, as for freshly initialised weights."""
+        rows = ((self.W_dec, indices), (self.W_enc, (slice(None), indices)), (self.b_enc, indices))
+        for param, index in rows:
+            for optimizer in optimizers:
+                for value in optimizer.state.get(param, {}).values():
+                    if isinstance(value, Tensor) and value.shape == param.shape:
+                        value[index] = 0
+
+    @torch.no_grad()
+    def silence_features_(self, indices: Tensor, optimizers: Iterable[Optimizer] = ()) -> None:
+        """Make features ``indices`` never fire: W_enc[:, i] = 0 and b_enc[i] = −1, their optimizer state zeroed.
+
+        Then h_i = −1 on every row (folding keeps it negative), so no ReLU-family encoder (ReLU,
+        JumpReLU, TopK) fires it, and it writes nothing and gets no gradient; it counts as dead once
+        its firing counter says so, and resampling can revive it. The decoder row stays, so every
+        exported row keeps unit norm (tools that divide by it, such as SAELens' ``fold_W_dec_norm``).
+        """
+        self.W_enc[:, indices] = 0
+        self.b_enc[indices] = -1.0
+        self.reset_optimizer_state_(optimizers, indices)
 
     # ----------------------------------------------------------------- folding
     @torch.no_grad()
@@ -451,12 +493,22 @@ class SparseAutoencoder(LightningModule):
         trainer = self._trainer
         where = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "the checkpoint"
         check_finite(self.checkpoint_tensors(checkpoint), where)
+        groups = self.parameter_groups()
+        for optimizer_state in checkpoint.get("optimizer_states", []):
+            stored = [len(group["params"]) for group in optimizer_state["param_groups"]]
+            if stored != [len(names) for _, names in groups]:
+                multipliers = ", ".join(f"{scale:g}" for scale, _ in groups)
+                raise UserError(
+                    f"{where} was trained with {len(stored)} optimizer parameter group(s), this run has "
+                    f"{len(groups)} (learning-rate multipliers {multipliers}): resume with the encoder's "
+                    "learning-rate multipliers of that run (e.g. --model.encoder.init_args.threshold_lr_scale 1)"
+                )
 
     def checkpoint_tensors(self, checkpoint: dict[str, Any]) -> Iterator[tuple[str, Tensor]]:
         """The weights (by state-dict key) and the optimizer state of a Lightning checkpoint, each with
         its name in messages, e.g. "the optimizer state of W_enc (exp_avg)"."""
         yield from checkpoint["state_dict"].items()
-        names = [name for name, _ in self.named_parameters()]  # the optimizer's parameters, in order
+        names = [name for _, group in self.parameter_groups() for name in group]  # the optimizer's order
         for optimizer_state in checkpoint.get("optimizer_states", []):
             indices = [index for group in optimizer_state["param_groups"] for index in group["params"]]
             owners = dict(zip(indices, names))

@@ -305,3 +305,47 @@ def test_a_bf16_mixed_fit_on_cuda_learns(
     with torch.no_grad():
         after = (model(x) - x).pow(2).sum()
     assert torch.isfinite(after) and after < 0.5 * before
+
+
+def _fit_steps(model: SparseAutoencoder, toy_file: Path, steps: int) -> Trainer:
+    trainer = Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=ActivationDataModule(str(toy_file), batch_size=64, val_rows=512))
+    return trainer
+
+
+def test_jumprelu_thresholds_train_at_their_own_learning_rate(toy_file: Path) -> None:
+    """Adam's first step moves every parameter entry by about its learning rate: ×5 for the thresholds."""
+    model = SparseAutoencoder(d_in=16, d_sae=32, encoder=lambda m: JumpReLU(m, threshold_lr_scale=5.0), lr=1e-3,
+                              penalties=[L0(1.0)], lr_decay_fraction=0.0)
+    before = {name: value.detach().clone() for name, value in model.named_parameters()}
+    trainer = _fit_steps(model, toy_file, 1)
+    assert [group["lr"] for group in trainer.optimizers[0].param_groups] == pytest.approx([1e-3, 5e-3])
+    moved = {name: (value.detach() - before[name]).abs() for name, value in model.named_parameters()}
+    threshold_steps = moved["encoder.log_threshold"][moved["encoder.log_threshold"] > 0]
+    assert len(threshold_steps) > 0 and threshold_steps.max().item() == pytest.approx(5e-3, rel=1e-3)
+    assert moved["b_enc"].max().item() == pytest.approx(1e-3, rel=1e-3)
+    assert len(model.parameter_groups()) == 2
+    assert len(SparseAutoencoder(d_in=16, d_sae=32, encoder=JumpReLU).parameter_groups()) == 1
+    with pytest.raises(UserError, match="threshold_lr_scale"):
+        JumpReLU(4, threshold_lr_scale=0.0)
+
+
+def test_optimizer_state_is_named_by_its_group_and_other_groupings_are_refused(
+    toy_file: Path, tmp_path: Path
+) -> None:
+    scaled = SparseAutoencoder(d_in=16, d_sae=32, encoder=lambda m: JumpReLU(m, threshold_lr_scale=5.0))
+    trainer = _fit_steps(scaled, toy_file, 2)
+    trainer.save_checkpoint(tmp_path / "scaled.ckpt")
+    checkpoint = torch.load(tmp_path / "scaled.ckpt", weights_only=False)
+    (threshold_index,) = checkpoint["optimizer_states"][0]["param_groups"][1]["params"]
+    checkpoint["optimizer_states"][0]["state"][threshold_index]["exp_avg"][0] = float("nan")
+    with pytest.raises(UserError, match=r"optimizer state of encoder\.log_threshold \(exp_avg\)"):
+        scaled.on_load_checkpoint(checkpoint)
+
+    plain = SparseAutoencoder(d_in=16, d_sae=32, encoder=JumpReLU)
+    _fit_steps(plain, toy_file, 2).save_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(UserError, match="1 optimizer parameter group.*threshold_lr_scale 1"):
+        scaled.on_load_checkpoint(torch.load(tmp_path / "plain.ckpt", weights_only=False))

@@ -4,6 +4,7 @@ from lightning_sae.callbacks.calibration import EncoderBiasCalibration
 from lightning_sae.callbacks.dead_features import DeadFeatureTracker
 from lightning_sae.callbacks.decoder_bias import DecoderBiasInit
 from lightning_sae.callbacks.downstream_eval import DownstreamEval
+from lightning_sae.callbacks.duplicates import DuplicatePruning
 from lightning_sae.callbacks.feature_recovery import FeatureRecovery
 from lightning_sae.callbacks.folding import DecoderNormFolding
 from lightning_sae.callbacks.non_finite import NonFiniteGuard
@@ -17,6 +18,7 @@ __all__ = [
     "DecoderBiasInit",
     "DecoderNormFolding",
     "DownstreamEval",
+    "DuplicatePruning",
     "EncoderBiasCalibration",
     "FeatureRecovery",
     "NonFiniteGuard",

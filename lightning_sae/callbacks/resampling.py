@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-from lightning import Callback, LightningModule, Trainer
+from lightning import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_sae.callbacks.scheduled import ScheduledIntervention
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.errors import UserError
 from lightning_sae.model import SparseAutoencoder
 
 
-class Resampling(Callback):
+class Resampling(ScheduledIntervention):
     """Neuron resampling of Bricken et al. 2023 ("Towards Monosemanticity"), at the given steps.
 
     Seed 001 ranks it the second most important trick, after width. At each step in ``steps``,
@@ -56,41 +55,17 @@ class Resampling(Callback):
                 (Bricken et al. 2023: 0.2).
             seed: Seed of the choice of rows and of the draws.
         """
-        if (steps is None) == (fractions is None):
-            raise UserError("Resampling needs either steps or fractions")
-        if any(step < 1 for step in steps or []):
-            raise UserError(f"Resampling steps must be positive, got {steps}")
-        if any(not 0 < fraction < 1 for fraction in fractions or []):
-            raise UserError(f"Resampling fractions must be between 0 and 1, got {fractions}")
+        super().__init__(steps, fractions)
         if sample_rows < 1 or encoder_scale <= 0:
             raise UserError(
                 f"Resampling needs sample_rows >= 1 and encoder_scale > 0, got {sample_rows} and {encoder_scale}"
             )
-        self.steps = steps
-        self.fractions = fractions
         self.sample_rows = sample_rows
         self.encoder_scale = encoder_scale
         self.seed = seed
-        self.last_step = -1
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Fix the resampling steps (``fractions`` of the run's total steps)."""
-        total = trainer.estimated_stepping_batches
-        self._steps = set(self.steps or [max(1, round(fraction * total)) for fraction in self.fractions or []])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_step = int(state_dict["last_step"])
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        """Resample before the first batch of each step in ``steps`` (once, also when accumulating)."""
-        step = trainer.global_step
-        if step in self._steps and step != self.last_step:
-            assert isinstance(pl_module, SparseAutoencoder)
-            self.last_step = step
-            self.resample(trainer, pl_module)
+    def intervene(self, trainer: Trainer, model: SparseAutoencoder) -> Tensor:
+        return self.resample(trainer, model)
 
     def resample(self, trainer: Trainer, model: SparseAutoencoder) -> Tensor:
         """Resample the dead features now; returns the indices resampled."""
@@ -154,8 +129,4 @@ class Resampling(Callback):
         model.W_dec[indices] = F.normalize(targets.to(model.W_dec), dim=-1)
         model.W_enc[:, indices] = (F.normalize(inputs.to(model.W_enc), dim=-1) * scale).T
         model.b_enc[indices] = 0
-        for param, index in ((model.W_dec, indices), (model.W_enc, (slice(None), indices)), (model.b_enc, indices)):
-            for optimizer in optimizers:
-                for value in optimizer.state.get(param, {}).values():
-                    if isinstance(value, Tensor) and value.shape == param.shape:
-                        value[index] = 0
+        model.reset_optimizer_state_(optimizers, indices)

@@ -45,7 +45,7 @@ benchmark: $(BIN)/lightning_sae ## Loader and training throughput (tokens/s of e
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
 
-recipe-quality: $(BIN)/lightning_sae ## Every recipe vs a plain loop and SAELens on synthetic sets (hours on 2 cores; ARGS="--sets toy-offset" for one); writes docs/recipe_quality.md
+recipe-quality: $(BIN)/lightning_sae ## Every recipe vs a plain loop and SAELens on synthetic sets (hours on 2 cores; ARGS="--sets toy-offset" for one, ARGS=--resume to skip what docs/recipe_quality.json holds); writes docs/recipe_quality.md
 	cd benchmarks && ../$(BIN)/python recipe_quality.py $(ARGS)
 
 grid: $(BIN)/lightning_sae ## Train every point of a grid file, resumably: make grid GRID=grids/recipes.yaml [DATA=x.h5] [JOBS=n] [OUT=dir]

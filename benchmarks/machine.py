@@ -8,9 +8,18 @@ import platform
 
 def machine() -> str:
     """CPU model, cores and memory of this machine, and its load when the run started."""
+    return f"{hardware()}; load average {load_average()}"
+
+
+def hardware() -> str:
+    """CPU model, cores and memory of this machine."""
     with open("/proc/cpuinfo") as cpuinfo:
         model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     with open("/proc/meminfo") as meminfo:
         kib = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal")))
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-    return f"{model}, {os.cpu_count()} CPU cores, {kib / 2**20:.1f} GiB RAM, {platform.system()}; load average {load}"
+    return f"{model}, {os.cpu_count()} CPU cores, {kib / 2**20:.1f} GiB RAM, {platform.system()}"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages now."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())

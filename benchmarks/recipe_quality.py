@@ -22,8 +22,9 @@ Scores, on the held-out rows: MMCS (mean over true features of the best cosine w
 row), the share of true features recovered at cosine > 0.9, FVU (residual sum of squares over
 total variance), L0, and the share of features that fire on no held-out row. Targets (issue 8):
 MMCS ≥ 0.95, recovered ≥ 90%, FVU ≤ 1.2× the plain loop's. Results accumulate in
-``--results`` (JSON, one entry per set and method, so sets can be run separately) and the Markdown
-report of every stored result is written to ``--out``.
+``--results`` (JSON in docs/, one entry per set and method with the machine it ran on, so the sets
+can be run separately, in several sessions, with ``--resume``) and the Markdown report of every
+stored result is written to ``--out``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 from contenders import PLAIN_TOPK, Trained, fit_plain_topk, fit_recipe, fit_saelens, saelens_available
-from machine import machine
+from machine import hardware, load_average
 from torch import Tensor
 
 from lightning_sae.callbacks.feature_recovery import RECOVERED_COSINE, max_cosine_similarities
@@ -125,6 +126,10 @@ class Score:
     seconds: float
     train_rows: int
     coefficients: dict[str, float]
+    machine: str
+    """Where it ran: a set's methods may come from several runs (``--resume``), each recorded."""
+    load_average: str = ""
+    """The machine's load when the method started training: near the core count, another job ran."""
 
 
 def held_out_rows(path: Path) -> tuple[Tensor, Tensor]:
@@ -154,6 +159,7 @@ def score(trained: Trained, path: Path) -> Score:
         seconds=trained.seconds,
         train_rows=trained.train_rows,
         coefficients=trained.coefficients,
+        machine=hardware(),
     )
 
 
@@ -174,8 +180,6 @@ def report(results: dict[str, dict[str, Any]], sets: dict[str, SyntheticSet], co
     lines = [
         "## Recipe quality on synthetic superposition",
         "",
-        f"Machine: {results.get('_machine', {}).get('machine', machine())}.",
-        "",
         "```",
         command,
         "```",
@@ -189,11 +193,15 @@ def report(results: dict[str, dict[str, Any]], sets: dict[str, SyntheticSet], co
         if not entries:
             continue
         reference = next((entry for entry in entries if entry["method"] == PLAIN_TOPK), None)
+        started = [f"{entry['method']} {entry['load_average']}" for entry in entries if entry.get("load_average")]
+        loads = f" Load average (1, 5, 15 min) when each method started: {'; '.join(started)}." if started else ""
         reference_fvu = reference["fvu"] if reference else None
         lines += [
             "",
             f"### {name}: d_in {data.d_in}, {data.n_features} features, true L0 {data.true_l0:g}, "
             f"{'power-law' if data.exponent else 'uniform'} frequencies, offset {data.offset:g}; d_sae {data.d_sae}",
+            "",
+            "Machine: " + "; ".join(sorted({entry["machine"] for entry in entries})) + "." + loads,
             "",
             "| method | MMCS | recovered | FVU | FVU ÷ plain | L0 | dead | final λ | training rows | s | targets |",
             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
@@ -218,18 +226,20 @@ def main() -> None:
     parser.add_argument("--no-saelens", action="store_true", help="skip SAELens even when it is installed")
     parser.add_argument("--resume", action="store_true", help="skip the methods whose result is stored already")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "bench")
-    parser.add_argument("--results", type=Path, default=None, help="JSON store (default: DATA_DIR/recipe_quality.json)")
+    parser.add_argument(
+        "--results", type=Path, help="JSON store (default docs/recipe_quality.json; with --quick, in DATA_DIR)"
+    )
     parser.add_argument("--out", type=Path, help="report (default docs/recipe_quality.md; with --quick, DATA_DIR/)")
     args = parser.parse_args()
     sets = QUICK if args.quick else SETS
     chosen = {name: sets[name] for name in (args.sets or sets)}
     recipes = [path for path in sorted(CONFIGS.glob("*.yaml")) if path.stem != "quickstart"]
     configs = [CONFIGS / f"{name}.yaml" for name in args.recipes] if args.recipes else recipes
-    store = args.results or args.data_dir / ("recipe_quality_quick.json" if args.quick else "recipe_quality.json")
+    default_store = args.data_dir / "recipe_quality_quick.json" if args.quick else ROOT / "docs" / "recipe_quality.json"
+    store = args.results or default_store
     out = args.out or (args.data_dir / "recipe_quality_quick.md" if args.quick else ROOT / "docs" / "recipe_quality.md")
     args.data_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = json.loads(store.read_text()) if store.exists() else {}
-    results["_machine"] = {"machine": machine()}
     for data in chosen.values():
         path = data.write(args.data_dir)
         budget = (path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS)
@@ -245,7 +255,9 @@ def main() -> None:
         for method, train in contenders.items():
             if args.resume and f"{data.name}/{method}" in results:
                 continue
+            load = load_average()
             result = score(train(), path)
+            result.load_average = load
             results[f"{data.name}/{result.method}"] = asdict(result)
             print(
                 f"{data.name:12} {result.method:22} MMCS {result.mmcs:.3f}  recovered {result.recovered:.0%}  "

@@ -145,7 +145,10 @@ def test_only_the_resampled_rows_columns_and_entries_change() -> None:
     torch.testing.assert_close(model.W_dec[indices], F.normalize(targets, dim=-1))
     scale = 0.2 * before_params["W_enc"][:, alive].norm(dim=0).mean()
     torch.testing.assert_close(model.W_enc[:, indices].T, F.normalize(inputs, dim=-1) * scale)
-    assert torch.equal(model.b_enc[indices], torch.zeros(3))
+    # b_enc = θ: a revived JumpReLU feature fires wherever its projection is positive, its own row included
+    torch.testing.assert_close(model.b_enc[indices], before_params["encoder.log_threshold"][indices].exp())
+    with torch.no_grad():
+        assert (model.encode(inputs)[torch.arange(3), indices] > 0).all()
     assert torch.equal(model.W_dec[~changed], before_params["W_dec"][~changed])
     assert torch.equal(model.W_enc[:, ~changed], before_params["W_enc"][:, ~changed])
     assert torch.equal(model.b_enc[~changed], before_params["b_enc"][~changed])
@@ -205,6 +208,28 @@ def test_draws_favour_high_loss_rows(
     assert drawn.median() > typical
 
 
+def test_revived_features_start_at_the_firing_rate(
+    toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer]
+) -> None:
+    """With ``firing_rate``, revived JumpReLU features fire on that share of fresh rows, though
+    their thresholds (kept) lie far above anything the data reaches."""
+    data = toy_data()
+    model = SparseAutoencoder(d_in=16, d_sae=32, encoder=lambda d_sae: JumpReLU(d_sae, initial_log_threshold=-1.0),
+                              input_scale=data.input_scale, dead_after_tokens=2 * BATCH)
+    with torch.no_grad():
+        model.encoder.log_threshold[:SILENCED] = 5.0  # θ = 148: dead
+    after = CopyAt()
+    resampling = Resampling(steps=[RESAMPLE_STEP], sample_rows=1024, firing_rate=0.1, calibration_rows=4096)
+    callback_trainer(RESAMPLE_STEP + 1, [resampling, after]).fit(model, data)
+    x = torch.cat([x for x, _ in data.sample_batches(4096, seed=7)])
+    with torch.no_grad():
+        rates = (after.model.encode(x)[:, :SILENCED] > 0).float().mean(0)
+    assert after.model.encoder.log_threshold[:SILENCED].min() > 4.9
+    assert ((rates > 0.06) & (rates < 0.14)).all(), rates
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(UserError, match="positive"):
         Resampling(steps=[0])
+    with pytest.raises(UserError, match="firing_rate"):
+        Resampling(steps=[1], firing_rate=1.0)

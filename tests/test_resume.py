@@ -41,7 +41,7 @@ class Silence(Callback):
 
 
 class CountResampled(Callback):
-    """How many features have b_enc = 0 exactly (just resampled) when steps 4 and 12 start.
+    """How many features have b_enc = θ exactly (just resampled) when steps 4 and 12 start.
 
     Listed after ``Resampling``, whose ``on_train_batch_start`` therefore runs first.
     """
@@ -52,7 +52,8 @@ class CountResampled(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         assert isinstance(pl_module, SparseAutoencoder)
         if trainer.global_step in (4, 12):
-            self.resampled[trainer.global_step] = int((pl_module.b_enc == 0).sum())
+            thresholds = pl_module.encoder.threshold(pl_module.decoder_norms())
+            self.resampled[trainer.global_step] = int((pl_module.b_enc == thresholds).sum())
 
 
 def run(

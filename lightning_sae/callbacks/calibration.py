@@ -77,19 +77,30 @@ class EncoderBiasCalibration(DataInitialisation):
     @torch.no_grad()
     def biases(self, model: SparseAutoencoder, x: Tensor) -> Tensor:
         """[m] encoder biases making each feature fire on a fraction r of the raw rows ``x``."""
-        n_rows = x.shape[0]
         rate = self.target_rate(model)
-        rank = round(rate * n_rows)
-        if not 1 <= rank < n_rows:
+        if not 1 <= round(rate * x.shape[0]) < x.shape[0]:
             raise UserError(
-                f"EncoderBiasCalibration: {n_rows} rows cannot resolve a firing rate of {rate:.3g}; "
+                f"EncoderBiasCalibration: {x.shape[0]} rows cannot resolve a firing rate of {rate:.3g}; "
                 f"raise sample_rows (have {self.sample_rows}) or the training data"
             )
-        x_scaled = model.encoder_input(x.to(model.W_enc.dtype) * model.input_scale)
-        cutoffs = torch.empty(model.d_sae, dtype=model.W_enc.dtype, device=model.W_enc.device)
-        width = max(1, QUANTILE_ELEMENTS // n_rows)
-        for start in range(0, model.d_sae, width):
-            projections = x_scaled @ model.W_enc[:, start : start + width]
-            top = projections.topk(rank + 1, dim=0).values
-            cutoffs[start : start + width] = (top[rank - 1] + top[rank]) / 2
-        return model.encoder.threshold(model.decoder_norms()) - cutoffs
+        return firing_rate_biases(model, x, rate)
+
+
+@torch.no_grad()
+def firing_rate_biases(model: SparseAutoencoder, x: Tensor, rate: float, features: Tensor | None = None) -> Tensor:
+    """b_i = θ_i − q_i for every feature (or those indexed by ``features``): the encoder biases
+    with which feature i fires on a fraction ``rate`` of the raw rows ``x``.
+
+    q_i is the (1 − rate)-quantile of x·W_enc[:, i] (x scaled by input_scale and as the encoder
+    sees it), midway between the ⌊rate·N⌉-th and the next largest value, clamped to [1, N − 1]."""
+    n_rows = x.shape[0]
+    rank = min(max(round(rate * n_rows), 1), n_rows - 1)
+    columns = torch.arange(model.d_sae, device=model.W_enc.device) if features is None else features
+    x_scaled = model.encoder_input(x.to(model.W_enc.dtype) * model.input_scale)
+    cutoffs = torch.empty(len(columns), dtype=model.W_enc.dtype, device=model.W_enc.device)
+    width = max(1, QUANTILE_ELEMENTS // n_rows)
+    for start in range(0, len(columns), width):
+        projections = x_scaled @ model.W_enc[:, columns[start : start + width]]
+        top = projections.topk(rank + 1, dim=0).values
+        cutoffs[start : start + width] = (top[rank - 1] + top[rank]) / 2
+    return model.encoder.threshold(model.decoder_norms())[columns] - cutoffs

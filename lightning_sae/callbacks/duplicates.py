@@ -28,16 +28,17 @@ class DuplicatePruning(ScheduledIntervention):
     stay; every row on which both fire pays twice in L0, so at a target L0 fewer distinct features
     fire. On the synthetic toy-offset set (256 true features, d_sae 512, L0 5) ReLU-L1 ended with 469
     features matching a true one, and where a duplicated feature fired, two or more fired in 62% of
-    the rows (docs/recipe_quality.md). TopK's selection and the L0 and tanh penalties make duplicates
+    the rows (docs/benchmarks.md). TopK's selection and the L0 and tanh penalties make duplicates
     compete instead.
 
     With a_i = E[f_i]·‖W_d,i‖, feature i's mean contribution to the reconstruction over
     ``sample_rows`` training rows (all ranks together), feature i is a duplicate when some feature j
-    with a_j > a_i (on a tie, j < i) has cos(W_d,i, W_d,j) > ``cosine``. Every duplicate is silenced
-    (:meth:`SparseAutoencoder.silence_features_`): it never fires again, and the training after the
-    pruning hands its share to the feature it repeated. Silenced features count as dead, so a
-    :class:`~lightning_sae.callbacks.resampling.Resampling` point after a pruning point revives them
-    (a warning says so): prune after the last resampling. Every rank takes the same decision.
+    with a_j > a_i (on a tie, j < i) has cos(W_d,i, W_d,j) > ``cosine``. Every duplicate that fires
+    (a_i > 0) is silenced (:meth:`SparseAutoencoder.silence_features_`): it never fires again, and
+    the training after the pruning hands its share to the feature it repeated. Silenced features
+    count as dead, so a :class:`~lightning_sae.callbacks.resampling.Resampling` point after a
+    pruning point revives them (a warning says so): prune after the last resampling. Every rank
+    takes the same decision.
     """
 
     def __init__(
@@ -69,7 +70,8 @@ class DuplicatePruning(ScheduledIntervention):
         """Fix the steps, and warn when a resampling point comes after a pruning point."""
         super().on_fit_start(trainer, pl_module)
         total = trainer.estimated_stepping_batches
-        resampled = [step for cb in trainer.callbacks if isinstance(cb, Resampling) for step in cb.scheduled_steps(total)]
+        resamplings = [callback for callback in trainer.callbacks if isinstance(callback, Resampling)]
+        resampled = [step for callback in resamplings for step in callback.scheduled_steps(total)]
         if self._steps and resampled and max(resampled) > min(self._steps):
             rank_zero_warn(
                 f"DuplicatePruning at step {min(self._steps)} comes before Resampling at step {max(resampled)}, "
@@ -82,7 +84,8 @@ class DuplicatePruning(ScheduledIntervention):
     def prune(self, trainer: Trainer, model: SparseAutoencoder) -> Tensor:
         """Silence the duplicates now; returns their indices."""
         contributions = self.contributions(trainer, model)
-        indices = duplicates(model.W_dec.detach(), contributions, self.cosine).nonzero().flatten()
+        firing_duplicates = duplicates(model.W_dec.detach(), contributions, self.cosine) & (contributions > 0)
+        indices = firing_duplicates.nonzero().flatten()
         model.silence_features_(indices, trainer.optimizers)
         rank_zero_info(
             f"DuplicatePruning: {len(indices)} features silenced at step {trainer.global_step} "

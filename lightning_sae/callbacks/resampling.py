@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_sae.callbacks.calibration import firing_rate_biases
 from lightning_sae.callbacks.scheduled import ScheduledIntervention
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.errors import UserError
@@ -26,13 +27,18 @@ class Resampling(ScheduledIntervention):
        Gumbel-top-k, so no two revived features start alike);
     3. for dead feature i and its row (x, y): W_dec[i] = y/‖y‖ (decoder row i is the recipe's
        dictionary vector i; y = x for an SAE, the target for a transcoder),
-       W_enc[:, i] = s·x/‖x‖ with s = ``encoder_scale`` · mean_{j alive} ‖W_enc[:, j]‖, b_enc[i] = 0;
+       W_enc[:, i] = s·x/‖x‖ with s = ``encoder_scale`` · mean_{j alive} ‖W_enc[:, j]‖ and b_enc[i] = θ_i,
+       the encoder's threshold, so the feature fires wherever x·W_enc[:, i] > 0 (Bricken et al.'s
+       b = 0 for a ReLU); or, with ``firing_rate``, b_enc[i] set so that it fires on that fraction
+       of ``calibration_rows`` training rows
+       (:func:`~lightning_sae.callbacks.calibration.firing_rate_biases`);
     4. zero the optimizer's per-element state (Adam's exp_avg, exp_avg_sq) of exactly those
        rows, columns and entries, and start the learning-rate re-warmup (seed 001:
        ``model.restart_lr_warmup()``).
 
-    Encoder-specific parameters (JumpReLU thresholds) are kept. Rank 0 draws the rows and
-    broadcasts them; the dead set is the model's firing counter's, which is the same on every rank, so
+    Encoder-specific parameters (JumpReLU thresholds) are kept: with b_enc[i] = 0 a JumpReLU
+    feature whose threshold rose until it died would stay dead. Rank 0 draws the rows (and
+    calibrates) and broadcasts them; the dead set is the model's firing counter's, which is the same on every rank, so
     every rank applies the same update, and the revived features' counts restart. Draws are seeded
     by ``seed`` and the step, so a resumed run resamples exactly like an uninterrupted one.
     """
@@ -43,6 +49,8 @@ class Resampling(ScheduledIntervention):
         fractions: list[float] | None = None,
         sample_rows: int = 819_200,
         encoder_scale: float = 0.2,
+        firing_rate: float | None = None,
+        calibration_rows: int = 65_536,
         seed: int = 0,
     ) -> None:
         """
@@ -53,6 +61,9 @@ class Resampling(ScheduledIntervention):
             sample_rows: Training rows whose loss is computed to draw from (Bricken et al. 2023: 819,200).
             encoder_scale: Encoder norm of a revived feature relative to the mean of the alive ones
                 (Bricken et al. 2023: 0.2).
+            firing_rate: Fraction of rows a revived feature starts firing on; None: wherever its
+                projection is positive.
+            calibration_rows: Training rows that set the revived biases for ``firing_rate``.
             seed: Seed of the choice of rows and of the draws.
         """
         super().__init__(steps, fractions)
@@ -60,8 +71,14 @@ class Resampling(ScheduledIntervention):
             raise UserError(
                 f"Resampling needs sample_rows >= 1 and encoder_scale > 0, got {sample_rows} and {encoder_scale}"
             )
+        if firing_rate is not None and not 0 < firing_rate < 1:
+            raise UserError(f"Resampling firing_rate must be in (0, 1), got {firing_rate}")
+        if calibration_rows < 2:
+            raise UserError(f"Resampling calibration_rows must be at least 2, got {calibration_rows}")
         self.sample_rows = sample_rows
         self.encoder_scale = encoder_scale
+        self.firing_rate = firing_rate
+        self.calibration_rows = calibration_rows
         self.seed = seed
 
     def intervene(self, trainer: Trainer, model: SparseAutoencoder) -> Tensor:
@@ -81,6 +98,8 @@ class Resampling(ScheduledIntervention):
         if len(indices) == 0:
             return indices
         self.reinitialise_(model, trainer.optimizers, indices, inputs.to(model.device), targets.to(model.device), ~dead)
+        if self.firing_rate is not None:
+            self.calibrate_(trainer, model, indices)
         model.firing.revive_(indices)
         model.restart_lr_warmup()
         rank_zero_info(f"Resampling: {len(indices)} dead features resampled at step {trainer.global_step}")
@@ -128,5 +147,18 @@ class Resampling(ScheduledIntervention):
         scale = self.encoder_scale * reference.mean()
         model.W_dec[indices] = F.normalize(targets.to(model.W_dec), dim=-1)
         model.W_enc[:, indices] = (F.normalize(inputs.to(model.W_enc), dim=-1) * scale).T
-        model.b_enc[indices] = 0
+        model.b_enc[indices] = model.encoder.threshold(model.decoder_norms())[indices]
         model.reset_optimizer_state_(optimizers, indices)
+
+    def calibrate_(self, trainer: Trainer, model: SparseAutoencoder, indices: Tensor) -> None:
+        """Set b_enc of the revived features ``indices`` so each fires on ``firing_rate`` of the rows."""
+        assert self.firing_rate is not None
+        biases = None
+        if trainer.is_global_zero:
+            seed = self.seed * 1_000_003 + trainer.global_step + 1
+            rows = ActivationDataModule.of(trainer).sample_batches(self.calibration_rows, seed)
+            x = torch.cat([x for x, _ in rows]).to(model.device)
+            biases = firing_rate_biases(model, x, self.firing_rate, indices).cpu()
+        biases = trainer.strategy.broadcast(biases, src=0)
+        with torch.no_grad():
+            model.b_enc[indices] = biases.to(model.b_enc)

@@ -233,3 +233,5 @@ def test_bad_arguments_are_refused() -> None:
         Resampling(steps=[0])
     with pytest.raises(UserError, match="firing_rate"):
         Resampling(steps=[1], firing_rate=1.0)
+    with pytest.raises(UserError, match="cannot resolve a firing_rate"):
+        Resampling(steps=[1], firing_rate=1e-6, calibration_rows=1000)

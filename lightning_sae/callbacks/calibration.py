@@ -77,24 +77,25 @@ class EncoderBiasCalibration(DataInitialisation):
     @torch.no_grad()
     def biases(self, model: SparseAutoencoder, x: Tensor) -> Tensor:
         """[m] encoder biases making each feature fire on a fraction r of the raw rows ``x``."""
-        rate = self.target_rate(model)
-        if not 1 <= round(rate * x.shape[0]) < x.shape[0]:
-            raise UserError(
-                f"EncoderBiasCalibration: {x.shape[0]} rows cannot resolve a firing rate of {rate:.3g}; "
-                f"raise sample_rows (have {self.sample_rows}) or the training data"
-            )
-        return firing_rate_biases(model, x, rate)
+        return firing_rate_biases(model, x, self.target_rate(model), rows_setting="EncoderBiasCalibration sample_rows")
 
 
 @torch.no_grad()
-def firing_rate_biases(model: SparseAutoencoder, x: Tensor, rate: float, features: Tensor | None = None) -> Tensor:
+def firing_rate_biases(
+    model: SparseAutoencoder, x: Tensor, rate: float, rows_setting: str, features: Tensor | None = None
+) -> Tensor:
     """b_i = θ_i − q_i for every feature (or those indexed by ``features``): the encoder biases
     with which feature i fires on a fraction ``rate`` of the raw rows ``x``.
 
     q_i is the (1 − rate)-quantile of x·W_enc[:, i] (x scaled by input_scale and as the encoder
-    sees it), midway between the ⌊rate·N⌉-th and the next largest value, clamped to [1, N − 1]."""
+    sees it), midway between the ⌊rate·N⌉-th and the next largest value. Too few rows to resolve
+    the rate are refused, naming ``rows_setting``, the option that sets how many were read."""
     n_rows = x.shape[0]
-    rank = min(max(round(rate * n_rows), 1), n_rows - 1)
+    rank = round(rate * n_rows)
+    if not 1 <= rank < n_rows:
+        raise UserError(
+            f"{n_rows} rows cannot resolve a firing rate of {rate:.3g}; raise {rows_setting} or the training data"
+        )
     columns = torch.arange(model.d_sae, device=model.W_enc.device) if features is None else features
     x_scaled = model.encoder_input(x.to(model.W_enc.dtype) * model.input_scale)
     cutoffs = torch.empty(len(columns), dtype=model.W_enc.dtype, device=model.W_enc.device)

@@ -75,6 +75,10 @@ class Resampling(ScheduledIntervention):
             raise UserError(f"Resampling firing_rate must be in (0, 1), got {firing_rate}")
         if calibration_rows < 2:
             raise UserError(f"Resampling calibration_rows must be at least 2, got {calibration_rows}")
+        if firing_rate is not None and not 1 <= round(firing_rate * calibration_rows) < calibration_rows:
+            raise UserError(
+                f"Resampling: {calibration_rows} calibration_rows cannot resolve a firing_rate of {firing_rate:.3g}"
+            )
         self.sample_rows = sample_rows
         self.encoder_scale = encoder_scale
         self.firing_rate = firing_rate
@@ -158,7 +162,7 @@ class Resampling(ScheduledIntervention):
             seed = self.seed * 1_000_003 + trainer.global_step + 1
             rows = ActivationDataModule.of(trainer).sample_batches(self.calibration_rows, seed)
             x = torch.cat([x for x, _ in rows]).to(model.device)
-            biases = firing_rate_biases(model, x, self.firing_rate, indices).cpu()
+            biases = firing_rate_biases(model, x, self.firing_rate, "Resampling calibration_rows", indices).cpu()
         biases = trainer.strategy.broadcast(biases, src=0)
         with torch.no_grad():
             model.b_enc[indices] = biases.to(model.b_enc)

@@ -35,6 +35,22 @@ def test_the_factor_holds_while_the_l0_already_moves_towards_the_target() -> Non
     assert controller.mean_l0.item() == pytest.approx(0.5 * (0.5 * (0.5 * (0.5 * 20 + 8) + 6) + 4.5) + 7)
 
 
+def test_an_approach_too_slow_to_reach_the_target_within_the_horizon_is_pushed() -> None:
+    controller = L0Controller(target=3.0, gain=0.1, smoothing=(0.0, 0.0), approach_horizon=0.2)  # 20 of 100 steps
+    controller.update(torch.tensor(16.0), step=0, total_steps=100)
+    pushed = controller.log_factor.item()
+    controller.update(torch.tensor(15.9), step=1, total_steps=100)  # falling, but 300+ steps from the target
+    assert controller.log_factor.item() == pytest.approx(pushed + 0.1 * math.log(16.9 / 4))
+    held = controller.log_factor.item()
+    controller.update(torch.tensor(12.0), step=2, total_steps=100)  # falling fast enough: reaches it in ~5 steps
+    assert controller.log_factor.item() == held
+
+
+def test_bad_horizons_are_refused() -> None:
+    with pytest.raises(UserError, match="approach_horizon"):
+        L0Controller(target=3.0, approach_horizon=-0.1)
+
+
 def test_the_factor_stays_bounded() -> None:
     controller = L0Controller(target=1.0, gain=1.0, max_log_factor=3.0, smoothing=(0.0, 0.0))
     for step in range(50):

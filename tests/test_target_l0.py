@@ -39,7 +39,7 @@ def test_an_approach_too_slow_to_reach_the_target_within_the_horizon_is_pushed()
     controller = L0Controller(target=3.0, gain=0.1, smoothing=(0.0, 0.0), approach_horizon=0.2)  # 20 of 100 steps
     controller.update(torch.tensor(16.0), step=0, total_steps=100)
     pushed = controller.log_factor.item()
-    controller.update(torch.tensor(15.9), step=1, total_steps=100)  # falling, but 300+ steps from the target
+    controller.update(torch.tensor(15.9), step=1, total_steps=100)  # falling, but ~240 steps from the target
     assert controller.log_factor.item() == pytest.approx(pushed + 0.1 * math.log(16.9 / 4))
     held = controller.log_factor.item()
     controller.update(torch.tensor(12.0), step=2, total_steps=100)  # falling fast enough: reaches it in ~5 steps

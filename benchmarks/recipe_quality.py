@@ -176,17 +176,21 @@ def meets_targets(result: dict[str, Any], reference_fvu: float | None) -> str:
     return "✓" if not failed else "✗ " + ", ".join(failed)
 
 
-def report(results: dict[str, dict[str, Any]], sets: dict[str, SyntheticSet], command: str) -> str:
+def report(results: dict[str, dict[str, Any]], sets: dict[str, SyntheticSet]) -> str:
+    """The Markdown report of every stored result, headed by the commands that produced them."""
+    commands = dict.fromkeys(entry["command"] for entry in results.values() if "command" in entry)
     lines = [
         "## Recipe quality on synthetic superposition",
         "",
         "```",
-        command,
+        *commands,
         "```",
         "",
-        "Each set: unit feature directions, magnitudes U(0.5, 1.5), noise 0.01, held-out tail of "
-        f"{VAL_ROWS:,} rows. Every method sees the same training rows in the same order (its batch size "
-        "and the row budget decide its steps). Targets: MMCS ≥ 0.95, recovered ≥ 90%, FVU ≤ 1.2× plain TopK.",
+        (
+            "Each set: unit feature directions, magnitudes U(0.5, 1.5), noise 0.01, held-out tail of "
+            f"{VAL_ROWS:,} rows. Every method sees the same training rows in the same order (its batch size "
+            "and the row budget decide its steps). Targets: MMCS ≥ 0.95, recovered ≥ 90%, FVU ≤ 1.2× plain TopK."
+        ),
     ]
     for name, data in sets.items():
         entries = [value for key, value in results.items() if key.startswith(f"{name}/")]
@@ -198,8 +202,10 @@ def report(results: dict[str, dict[str, Any]], sets: dict[str, SyntheticSet], co
         reference_fvu = reference["fvu"] if reference else None
         lines += [
             "",
-            f"### {name}: d_in {data.d_in}, {data.n_features} features, true L0 {data.true_l0:g}, "
-            f"{'power-law' if data.exponent else 'uniform'} frequencies, offset {data.offset:g}; d_sae {data.d_sae}",
+            (
+                f"### {name}: d_in {data.d_in}, {data.n_features} features, true L0 {data.true_l0:g}, "
+                f"{'power-law' if data.exponent else 'uniform'} frequencies, offset {data.offset:g}; d_sae {data.d_sae}"
+            ),
             "",
             "Machine: " + "; ".join(sorted({entry["machine"] for entry in entries})) + "." + loads,
             "",
@@ -240,6 +246,7 @@ def main() -> None:
     out = args.out or (args.data_dir / "recipe_quality_quick.md" if args.quick else ROOT / "docs" / "recipe_quality.md")
     args.data_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = json.loads(store.read_text()) if store.exists() else {}
+    command = f".venv/bin/python benchmarks/recipe_quality.py {' '.join(sys.argv[1:])}".strip()
     for data in chosen.values():
         path = data.write(args.data_dir)
         budget = (path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS)
@@ -258,7 +265,7 @@ def main() -> None:
             load = load_average()
             result = score(train(), path)
             result.load_average = load
-            results[f"{data.name}/{result.method}"] = asdict(result)
+            results[f"{data.name}/{result.method}"] = asdict(result) | {"command": command}
             print(
                 f"{data.name:12} {result.method:22} MMCS {result.mmcs:.3f}  recovered {result.recovered:.0%}  "
                 f"FVU {result.fvu:.3f}  L0 {result.l0:.1f}  dead {result.dead:.0%}  {result.seconds:.0f} s",
@@ -266,8 +273,8 @@ def main() -> None:
             )
             with written_atomically(store) as temporary:
                 temporary.write_text(json.dumps(results, indent=1))
-    command = f".venv/bin/python benchmarks/recipe_quality.py {' '.join(sys.argv[1:])}".strip()
-    out.write_text(report(results, sets, command))
+    with written_atomically(out) as temporary:
+        temporary.write_text(report(results, sets))
     print(f"report: {out}")
 
 

@@ -101,7 +101,7 @@ SETS = {
         SyntheticSet("toy-uniform", 64, 256, 5, exponent=0.0, offset=0.0, train_rows=12_288_000, d_sae=512),
         SyntheticSet("wide-sparse", 128, 2048, 3, exponent=0.5, offset=1.0, train_rows=4_096_000, d_sae=4096),
         SyntheticSet("dense", 256, 1024, 30, exponent=0.0, offset=0.0, train_rows=4_096_000, d_sae=2048),
-        SyntheticSet("wide-input", 512, 2048, 10, exponent=0.5, offset=4.0, train_rows=2_048_000, d_sae=3072),
+        SyntheticSet("wide-input", 512, 2048, 10, exponent=0.5, offset=4.0, train_rows=4_096_000, d_sae=3072),
     )
 }
 """From d_in 64 to 512, 4 to 16 features per dimension, true L0 3 to 30, with and without an offset,

@@ -13,6 +13,8 @@ scorer (and ``lightning_sae evaluate``) treats all alike:
   (target_l0 = the asked L0), when ``sae_lens`` is importable (the ``[compat]`` extra); its
   activation normalisation is on (the scaling our recipes use) and its learning rate is Gao et
   al.'s rule, 2e-4·(2^14/m)^½, unless given; read back from its ``save_inference_model`` files.
+
+All of them train on :data:`DEVICE`, where ``fit``'s ``accelerator: auto`` puts the recipes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from lightning_sae.model import SparseAutoencoder
 from lightning_sae.recipes import sparsity_arguments
 
 PLAIN_TOPK = "plain TopK"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where the plain loop and SAELens train: the GPU when there is one, as Lightning's ``auto`` picks."""
 
 
 @dataclass
@@ -56,14 +60,15 @@ class Trained:
 
 
 def training_batches(path: Path, batch_size: int, val_rows: int) -> Iterator[Tensor]:
-    """The shuffled training stream of ``lightning_sae fit`` on ``path``, epoch after epoch, as float32."""
+    """The shuffled training stream of ``lightning_sae fit`` on ``path``, epoch after epoch, as float32
+    on :data:`DEVICE`."""
     data = ActivationDataModule(str(path), batch_size=batch_size, val_rows=val_rows)
     data.setup("fit")
     epoch = 0
     while True:
         data.train_stream.seek(epoch, 0)
         for x, _ in data.train_stream:
-            yield x.float()
+            yield x.to(DEVICE).float()
         epoch += 1
 
 
@@ -147,7 +152,12 @@ def fit_saelens(
 
     batches = training_batches(path, batch_size, val_rows)
     first = next(batches)
-    common = {"d_in": first.shape[1], "d_sae": d_sae, "normalize_activations": "expected_average_only_in"}
+    common = {
+        "d_in": first.shape[1],
+        "d_sae": d_sae,
+        "normalize_activations": "expected_average_only_in",
+        "device": DEVICE,
+    }
     sae: Any
     if architecture == "topk":
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=max(1, round(l0)), **common))
@@ -162,6 +172,7 @@ def fit_saelens(
         lr=lr,
         lr_end=lr,
         n_batches_for_norm_estimate=16,
+        device=DEVICE,
     )
     start = time.perf_counter()
     SAETrainer(config, sae, batches).fit()

@@ -4,7 +4,12 @@ Usage::
 
     .venv/bin/python benchmarks/data_throughput.py --rows 2000000 --d-in 256
 
-    .venv/bin/python benchmarks/data_throughput.py --rows 1000000 --d-in 768 --dtype float16 --device cuda
+    .venv/bin/python benchmarks/data_throughput.py --rows 1000000 --d-in 768 --dtype float16 --device cuda \
+        --tables device --workers 1 2 4 8
+
+Every case runs in its own interpreter, and importing torch and Lightning takes seconds: the full
+set of tables is about 50 processes at 3 repeats. ``--tables`` picks some (the warm raw read, every
+ratio's reference, is always measured); each case's rate is printed to stderr as it ends.
 
 It writes a random activation file (kept and reused when it already has the asked shape), then
 measures, each in a fresh process so that its peak memory is its own, repeated ``--repeats``
@@ -47,6 +52,8 @@ import numpy as np
 from machine import machine
 
 DATA_CASES = ("raw", "shuffle", "ordered")
+TABLES = ("cache", "workers", "device", "training")
+"""The report's tables: warm/cold readers, worker counts, the rate delivered to ``--device``, training."""
 GATHER_ROWS = 262_144
 
 
@@ -233,13 +240,19 @@ def spread(runs: list[dict[str, Any]], reference: float) -> str:
 
 
 def data_cases(args: argparse.Namespace) -> list[str]:
-    """Every loader measurement of one round: ``data:<case>:<warm|cold>:<workers>:<device or ->``."""
-    cases = [f"data:{case}:{cache}:{args.num_workers}:-" for cache in ("warm", "cold") for case in DATA_CASES]
-    cases.append("data:gather:warm:0:-")
-    cases += [f"data:shuffle:warm:{workers}:-" for workers in args.workers if workers != args.num_workers]
-    if args.device:
+    """The loader measurements of one round, ``data:<case>:<warm|cold>:<workers>:<device or ->``, of the
+    chosen ``--tables``; the warm raw read, every table's reference, always."""
+    cases = [f"data:raw:warm:{args.num_workers}:-"]
+    if "cache" in args.tables:
+        cases += [f"data:{case}:{cache}:{args.num_workers}:-" for cache in ("warm", "cold") for case in DATA_CASES]
+        cases.append("data:gather:warm:0:-")
+    if "workers" in args.tables:
+        cases += [f"data:shuffle:warm:{workers}:-" for workers in sorted({args.num_workers, *args.workers})]
+    if "device" in args.tables and args.device:
         cases += [f"data:shuffle:warm:{workers}:{args.device}" for workers in sorted({args.num_workers, *args.workers})]
-    return cases
+    if "training" in args.tables:  # its last column: the loader's rate over training's
+        cases.append(f"data:shuffle:warm:{args.num_workers}:-")
+    return list(dict.fromkeys(cases))
 
 
 def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], host: str) -> str:
@@ -284,28 +297,35 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], h
         "```",
         f".venv/bin/python benchmarks/data_throughput.py {' '.join(sys.argv[1:])}",
         "```",
-        "",
-        "| page cache, reader | rows/s | MB/s | vs raw read | first pass vs raw | peak RSS growth |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
-    for cache in ("warm", "cold"):
-        for case in DATA_CASES:
-            key = f"data:{case}:{cache}:{args.num_workers}:-"
-            lines.append(line(f"{cache}, {DATA_NAMES[case]}", key, f"data:raw:{cache}:{args.num_workers}:-"))
-    lines.append(
-        line("in memory, random-row gather (`np.take`)", "data:gather:warm:0:-", f"data:raw:warm:{args.num_workers}:-")
-    )
-    lines += [
-        "",
-        "Workers (warm, shuffle on):",
-        "",
-        "| DataLoader workers | rows/s | MB/s | vs raw read | first pass vs raw | peak RSS growth | worker peak RSS |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for workers in sorted({args.num_workers, *args.workers}):
-        key = f"data:shuffle:warm:{workers}:-"
-        lines.append(line(str(workers), key, f"data:raw:warm:{args.num_workers}:-", with_workers=True))
-    if args.device:
+    warm_raw = f"data:raw:warm:{args.num_workers}:-"
+    if "cache" in args.tables:
+        lines += [
+            "",
+            "| page cache, reader | rows/s | MB/s | vs raw read | first pass vs raw | peak RSS growth |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for cache in ("warm", "cold"):
+            for case in DATA_CASES:
+                key = f"data:{case}:{cache}:{args.num_workers}:-"
+                lines.append(line(f"{cache}, {DATA_NAMES[case]}", key, f"data:raw:{cache}:{args.num_workers}:-"))
+        lines.append(line("in memory, random-row gather (`np.take`)", "data:gather:warm:0:-", warm_raw))
+    else:
+        reference = median_rate(results[warm_raw])
+        gigabytes = reference * row_bytes / 1e9
+        lines += ["", f"Reference, warm {DATA_NAMES['raw']}: {reference:,.0f} rows/s, {gigabytes:.2f} GB/s."]
+    if "workers" in args.tables:
+        lines += [
+            "",
+            "Workers (warm, shuffle on):",
+            "",
+            "| DataLoader workers | rows/s | MB/s | vs raw read | first pass vs raw | peak RSS growth | worker peak RSS |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for workers in sorted({args.num_workers, *args.workers}):
+            key = f"data:shuffle:warm:{workers}:-"
+            lines.append(line(str(workers), key, warm_raw, with_workers=True))
+    if "device" in args.tables and args.device:
         lines += [
             "",
             f"Delivered to `{args.device}` (warm, shuffle on, page-locked batches, `non_blocking` copies):",
@@ -315,9 +335,9 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], h
         ]
         for workers in sorted({args.num_workers, *args.workers}):
             key = f"data:shuffle:warm:{workers}:{args.device}"
-            lines.append(
-                line(str(workers), key, f"data:raw:warm:{args.num_workers}:-", gigabytes=True, with_workers=True)
-            )
+            lines.append(line(str(workers), key, warm_raw, gigabytes=True, with_workers=True))
+    if "training" not in args.tables:
+        return "\n".join(lines)
     lines += [
         "",
         "What training consumes (forward, loss, backward, Adam step on random batches, no loading):",
@@ -350,10 +370,19 @@ def main() -> None:
         "--workers", type=int, nargs="*", default=[1, 2, 4, 8], help="worker counts of the scaling table"
     )
     parser.add_argument("--device", help="also measure the rate delivered to this device (e.g. cuda)")
+    parser.add_argument(
+        "--tables",
+        nargs="*",
+        choices=TABLES,
+        default=list(TABLES),
+        help="tables to measure (each case is a fresh process; on a GPU host, 'device' alone fits a short call)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=5, help="timed steps of the default-size SAE")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if "device" in args.tables and args.tables != list(TABLES) and not args.device:
+        parser.error("--tables device needs --device")
     if args.case is not None:
         kind, *fields = args.case.split(":")
         if kind == "data":
@@ -370,12 +399,23 @@ def main() -> None:
     host = machine()
     write_file(args.path, args.rows, args.d_in, args.chunk_rows, args.dtype)
     results: dict[str, list[dict[str, Any]]] = {}
+    started = time.perf_counter()
+
+    def measure(case: str) -> dict[str, Any]:
+        """One fresh-process measurement, its rate reported on stderr as it ends (a run cut short
+        still shows what it measured)."""
+        result = run_child(case)
+        elapsed = time.perf_counter() - started
+        print(f"[{elapsed:.0f} s] {case}: {rate(result):,.0f} rows/s", file=sys.stderr, flush=True)
+        return result
+
     for _ in range(args.repeats):
         for case in data_cases(args):
-            results.setdefault(case, []).append(run_child(case))
-    for name in TRAIN_CASES:
-        for threads in ("default", "1"):
-            results[f"train:{name}:{threads}"] = [run_child(f"train:{name}:{threads}")]
+            results.setdefault(case, []).append(measure(case))
+    if "training" in args.tables:
+        for name in TRAIN_CASES:
+            for threads in ("default", "1"):
+                results[f"train:{name}:{threads}"] = [measure(f"train:{name}:{threads}")]
     print(report(args, results, host))
     print(f"\nload average at the end: {', '.join(f'{value:.2f}' for value in os.getloadavg())}")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 
+import torch
+
 
 def machine() -> str:
     """CPU model, cores and memory of this machine, and its load when the run started."""
@@ -12,12 +14,13 @@ def machine() -> str:
 
 
 def hardware() -> str:
-    """CPU model, cores and memory of this machine."""
+    """CPU model, cores and memory of this machine, and its GPU when torch sees one."""
     with open("/proc/cpuinfo") as cpuinfo:
         model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     with open("/proc/meminfo") as meminfo:
         kib = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal")))
-    return f"{model}, {os.cpu_count()} CPU cores, {kib / 2**20:.1f} GiB RAM, {platform.system()}"
+    described = f"{model}, {os.cpu_count()} CPU cores, {kib / 2**20:.1f} GiB RAM, {platform.system()}"
+    return f"{described}, {torch.cuda.get_device_name()}" if torch.cuda.is_available() else described
 
 
 def load_average() -> str:

@@ -41,13 +41,13 @@ class PlainTopK:
 def train_plain_topk(
     batches: Iterator[Tensor], d_sae: int, k: int, steps: int, lr: float = 2e-3, seed: int = 0
 ) -> PlainTopK:
-    """Train on ``steps`` batches [B, d] from ``batches``; the first one also sets b_dec."""
+    """Train on ``steps`` batches [B, d] from ``batches``, on their device; the first one also sets b_dec."""
     generator = torch.Generator().manual_seed(seed)
     first = next(batches).float()
     d_in = first.shape[1]
-    W_dec = F.normalize(torch.randn(d_sae, d_in, generator=generator), dim=-1).requires_grad_()
+    W_dec = F.normalize(torch.randn(d_sae, d_in, generator=generator), dim=-1).to(first.device).requires_grad_()
     W_enc = W_dec.detach().T.clone().requires_grad_()
-    b_enc = torch.zeros(d_sae, requires_grad=True)
+    b_enc = torch.zeros(d_sae, device=first.device, requires_grad=True)
     b_dec = first.mean(0).requires_grad_()
     optimizer = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=lr)
     for _ in range(steps):

@@ -239,6 +239,11 @@ def spread(runs: list[dict[str, Any]], reference: float) -> str:
     return f"{median_rate(runs) / reference:.0%} ({ratios[0]:.0%}–{ratios[-1]:.0%})"
 
 
+def worker_counts(args: argparse.Namespace) -> list[int]:
+    """The DataLoader worker counts of the workers and device tables: ``--workers`` and ``--num-workers``."""
+    return sorted({args.num_workers, *args.workers})
+
+
 def data_cases(args: argparse.Namespace) -> list[str]:
     """The loader measurements of one round, ``data:<case>:<warm|cold>:<workers>:<device or ->``, of the
     chosen ``--tables``; the warm raw read, every table's reference, always."""
@@ -247,9 +252,9 @@ def data_cases(args: argparse.Namespace) -> list[str]:
         cases += [f"data:{case}:{cache}:{args.num_workers}:-" for cache in ("warm", "cold") for case in DATA_CASES]
         cases.append("data:gather:warm:0:-")
     if "workers" in args.tables:
-        cases += [f"data:shuffle:warm:{workers}:-" for workers in sorted({args.num_workers, *args.workers})]
+        cases += [f"data:shuffle:warm:{workers}:-" for workers in worker_counts(args)]
     if "device" in args.tables and args.device:
-        cases += [f"data:shuffle:warm:{workers}:{args.device}" for workers in sorted({args.num_workers, *args.workers})]
+        cases += [f"data:shuffle:warm:{workers}:{args.device}" for workers in worker_counts(args)]
     if "training" in args.tables:  # its last column: the loader's rate over training's
         cases.append(f"data:shuffle:warm:{args.num_workers}:-")
     return list(dict.fromkeys(cases))
@@ -322,7 +327,7 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], h
             "| DataLoader workers | rows/s | MB/s | vs raw read | first pass vs raw | peak RSS growth | worker peak RSS |",
             "|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for workers in sorted({args.num_workers, *args.workers}):
+        for workers in worker_counts(args):
             key = f"data:shuffle:warm:{workers}:-"
             lines.append(line(str(workers), key, warm_raw, with_workers=True))
     if "device" in args.tables and args.device:
@@ -333,7 +338,7 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], h
             "| DataLoader workers | rows/s | GB/s | vs raw read | first pass vs raw | peak RSS growth | worker peak RSS |",
             "|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for workers in sorted({args.num_workers, *args.workers}):
+        for workers in worker_counts(args):
             key = f"data:shuffle:warm:{workers}:{args.device}"
             lines.append(line(str(workers), key, warm_raw, gigabytes=True, with_workers=True))
     if "training" not in args.tables:

@@ -62,6 +62,7 @@ class SparseAutoencoder(LightningModule):
         dead_after_tokens: int = 10_000_000,
         target_l0: float | None = None,
         target_l0_warmup: float = 0.0,
+        target_l0_glide: float = 1.0,
         decoding: Decoding = "auto",
         compile: bool = False,
         allow_tf32: bool = True,
@@ -95,6 +96,10 @@ class SparseAutoencoder(LightningModule):
             target_l0_warmup: Fraction of the run over which that coefficient first rises linearly
                 from 0 (seed 000's sparsity warmup), stopping early once the target is reached; the
                 search for it starts afterwards.
+            target_l0_glide: L0 asked for at the start as a multiple G of ``target_l0``: above 1 the
+                coefficient has no ramp from 0; it is searched for from the first step, starting at the
+                configured one, while the L0 target falls geometrically from G·target_l0 to target_l0
+                over ``target_l0_warmup``. 1: the linear ramp.
             decoding: "dense": ŷ = f·W_dec; "sparse": for an encoder that keeps k features per row
                 (TopK), ŷ = Σ_k f_k·W_dec[i_k] from the k gathered rows, whose cost grows with k
                 rather than d_sae, forward and backward; "auto": sparse where k/d_sae is small
@@ -129,7 +134,7 @@ class SparseAutoencoder(LightningModule):
         self.penalty_names = _unique_names([penalty.name for penalty in self.penalties])
         for penalty in self.penalties:
             penalty.bind(d_in, d_sae, self.encoder)
-        self.l0_controller = None if target_l0 is None else L0Controller(target_l0, target_l0_warmup)
+        self.l0_controller = None if target_l0 is None else L0Controller(target_l0, target_l0_warmup, glide=target_l0_glide)
         self._controlled = None if target_l0 is None else self._sparsity_penalty_index()
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))

@@ -38,9 +38,14 @@ class L0Controller(nn.Module):
       set of docs/benchmarks.md).
       |log φ| stays below ``max_log_factor``, so an unreachable target ends the search instead of
       running λ·φ to 0 or infinity.
+    - glide (``glide`` G > 1, instead of the ramp): the search runs from the first step, from the
+      configured λ (φ = 1), towards a target that falls geometrically over the warmup,
+      T_s = T·G^(1 − (s + 1)/W), then stays at T. L0 then comes down from G·T at a pace set by the
+      schedule rather than by how fast a ramp to the configured λ passes the λ the data needs
+      (JumpReLU + L0 on the wide-sparse set of docs/benchmarks.md, stop 30).
 
-    The penalty's configured λ is therefore the most the ramp gives, and where the search starts
-    if the ramp ends without reaching the target. Everything runs on the device (no host
+    Without a glide, the penalty's configured λ is therefore the most the ramp gives, and where the
+    search starts if the ramp ends without reaching the target. Everything runs on the device (no host
     synchronisation) and identically on every rank.
     """
 
@@ -52,6 +57,7 @@ class L0Controller(nn.Module):
         max_log_factor: float = 20.0,
         smoothing: tuple[float, float] = (0.9, 0.98),
         approach_horizon: float = 0.2,
+        glide: float = 1.0,
     ) -> None:
         """
         Args:
@@ -64,6 +70,8 @@ class L0Controller(nn.Module):
                 L0's direction ((0, 0): the step's own L0, and the change since the last step).
             approach_horizon: Fraction H of the run within which L0, at its present pace, must reach the
                 target for the search to hold φ instead of pushing it further.
+            glide: The L0 asked for at the first step, as a multiple G of the target: the target is
+                T_s = T·G^(1 − s/W) during the warmup, falling geometrically to T (1: T throughout).
         """
         super().__init__()
         if target <= 0:
@@ -72,7 +80,10 @@ class L0Controller(nn.Module):
             raise UserError(f"target_l0_warmup must be in [0, 1], got {warmup_fraction}")
         if not 0 <= approach_horizon <= 1:
             raise UserError(f"the L0 controller's approach_horizon must be in [0, 1], got {approach_horizon}")
+        if glide < 1:
+            raise UserError(f"target_l0_glide must be at least 1, got {glide}")
         self.target = target
+        self.glide = glide
         self.warmup_fraction = warmup_fraction
         self.gain = gain
         self.max_log_factor = max_log_factor
@@ -84,12 +95,17 @@ class L0Controller(nn.Module):
         self.register_buffer("log_factor", torch.zeros(()))
         self.register_buffer("mean_l0", torch.tensor(-1.0))  # L̄; −1: no step yet
         self.register_buffer("slow_mean_l0", torch.tensor(-1.0))
-        self.register_buffer("ramping", torch.tensor(warmup_fraction > 0))
+        self.register_buffer("ramping", torch.tensor(warmup_fraction > 0 and glide == 1))
 
     def ramp(self, step: int, total_steps: int) -> float:
         """min(1, (s + 1)/W), or 1 without a warmup."""
         warmup_steps = self.warmup_fraction * total_steps
         return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+    def target_at(self, step: int, total_steps: int) -> float:
+        """T_s = T·G^(1 − (s + 1)/W) during the warmup, T afterwards."""
+        remaining = 1.0 - self.ramp(step, total_steps)
+        return self.target * self.glide**remaining
 
     def factor(self, step: int, total_steps: int) -> Tensor:
         """φ at step ``step``: the multiplier of the penalty's configured coefficient."""
@@ -106,11 +122,12 @@ class L0Controller(nn.Module):
         slow_before = torch.where(unset, step_l0, self.slow_mean_l0)
         self.mean_l0.copy_(fast * mean_before + (1 - fast) * step_l0)
         self.slow_mean_l0.copy_(slow * slow_before + (1 - slow) * step_l0)
-        error = torch.log1p(self.mean_l0) - math.log1p(self.target)
+        target = math.log1p(self.target_at(step, total_steps))
+        error = torch.log1p(self.mean_l0) - target
         pace = (torch.log1p(self.mean_l0) - torch.log1p(slow_before)) / self.lag  # change of log(L0 + 1) per step
         horizon = self.approach_horizon * total_steps
         approaching = (error * pace < 0) & (error.abs() <= pace.abs() * horizon)
-        ramp_error = torch.log1p(step_l0) - math.log1p(self.target)
+        ramp_error = torch.log1p(step_l0) - target
         ramp_continues = self.ramping & (ramp_error > 0) & (self.ramp(step, total_steps) < 1)
         ramp = torch.full_like(self.log_factor, math.log(self.ramp(step, total_steps)))
         self.log_factor.copy_(torch.where(self.ramping, ramp, self.log_factor))

@@ -92,3 +92,29 @@ def test_bad_targets_are_refused() -> None:
         L0Controller(target=0.0)
     with pytest.raises(UserError, match="target_l0_warmup"):
         L0Controller(target=3.0, warmup_fraction=1.5)
+
+
+def test_a_gliding_target_falls_geometrically_over_the_warmup() -> None:
+    controller = L0Controller(target=3.0, warmup_fraction=0.5, glide=10.0)
+    assert controller.target_at(-1, 100) == pytest.approx(30.0)
+    assert controller.target_at(24, 100) == pytest.approx(3.0 * 10**0.5)
+    assert controller.target_at(49, 100) == pytest.approx(3.0)
+    assert controller.target_at(80, 100) == pytest.approx(3.0)
+    assert L0Controller(target=3.0, warmup_fraction=0.5).target_at(0, 100) == 3.0
+
+
+def test_a_glide_searches_from_the_configured_coefficient_towards_the_moving_target() -> None:
+    controller = L0Controller(target=3.0, warmup_fraction=0.5, gain=0.1, smoothing=(0.0, 0.0), glide=10.0)
+    assert not controller.ramping and controller.factor(0, 100).item() == 1.0, "no ramp from 0"
+    controller.update(torch.tensor(20.0), step=0, total_steps=100)  # sparser than the target of 30 · 10^(-1/50)
+    assert controller.log_factor.item() == pytest.approx(0.1 * (math.log(21) - math.log1p(controller.target_at(0, 100))))
+    controller.update(torch.tensor(20.0), step=1, total_steps=100)  # no trend, and 20 is below the target: keeps falling
+    assert controller.log_factor.item() < 0
+    late = L0Controller(target=3.0, warmup_fraction=0.5, gain=0.1, smoothing=(0.0, 0.0), glide=10.0)
+    late.update(torch.tensor(20.0), step=60, total_steps=100)  # after the glide the target is T itself
+    assert late.log_factor.item() == pytest.approx(0.1 * math.log(21 / 4))
+
+
+def test_a_glide_below_one_is_refused() -> None:
+    with pytest.raises(UserError, match="target_l0_glide"):
+        L0Controller(target=3.0, glide=0.5)

@@ -99,7 +99,9 @@ class SparseAutoencoder(LightningModule):
             target_l0_glide: L0 asked for at the start as a multiple G of ``target_l0``: above 1 the
                 coefficient has no ramp from 0; it is searched for from the first step, starting at the
                 configured one, while the L0 target falls geometrically from G·target_l0 to target_l0
-                over ``target_l0_warmup``. 1: the linear ramp.
+                over ``target_l0_warmup``. 1: the linear ramp. Made for JumpReLU, whose thresholds
+                integrate the penalty; a ReLU's L0 answers λ at once and the search then oscillates
+                (ReLU + L1: docs/benchmarks.md, stop 30).
             decoding: "dense": ŷ = f·W_dec; "sparse": for an encoder that keeps k features per row
                 (TopK), ŷ = Σ_k f_k·W_dec[i_k] from the k gathered rows, whose cost grows with k
                 rather than d_sae, forward and backward; "auto": sparse where k/d_sae is small

@@ -71,7 +71,7 @@ class L0Controller(nn.Module):
             approach_horizon: Fraction H of the run within which L0, at its present pace, must reach the
                 target for the search to hold φ instead of pushing it further.
             glide: The L0 asked for at the first step, as a multiple G of the target: the target is
-                T_s = T·G^(1 − s/W) during the warmup, falling geometrically to T (1: T throughout).
+                T_s = T·G^(1 − (s + 1)/W) during the warmup, falling geometrically to T (1: T throughout).
         """
         super().__init__()
         if target <= 0:

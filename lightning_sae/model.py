@@ -136,7 +136,9 @@ class SparseAutoencoder(LightningModule):
         self.penalty_names = _unique_names([penalty.name for penalty in self.penalties])
         for penalty in self.penalties:
             penalty.bind(d_in, d_sae, self.encoder)
-        self.l0_controller = None if target_l0 is None else L0Controller(target_l0, target_l0_warmup, glide=target_l0_glide)
+        self.l0_controller = (
+            None if target_l0 is None else L0Controller(target_l0, target_l0_warmup, glide=target_l0_glide)
+        )
         self._controlled = None if target_l0 is None else self._sparsity_penalty_index()
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))

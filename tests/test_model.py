@@ -131,7 +131,9 @@ def test_target_l0_controls_the_one_sparsity_penalty() -> None:
 
 
 def test_a_glide_starts_the_search_at_the_configured_coefficient_with_a_higher_l0_target() -> None:
-    model = SparseAutoencoder(d_in=8, d_sae=16, penalties=[L1(1.0)], target_l0=4.0, target_l0_warmup=0.5, target_l0_glide=10.0)
+    model = SparseAutoencoder(
+        d_in=8, d_sae=16, penalties=[L1(1.0)], target_l0=4.0, target_l0_warmup=0.5, target_l0_glide=10.0
+    )
     assert model.l0_controller.target_at(-1, 100) == pytest.approx(40.0)
     assert model.l0_controller.factor(0, 100).item() == 1.0
     ramped = SparseAutoencoder(d_in=8, d_sae=16, penalties=[L1(1.0)], target_l0=4.0, target_l0_warmup=0.5)

@@ -324,7 +324,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], h
             "",
             "Workers (warm, shuffle on):",
             "",
-            "| DataLoader workers | rows/s | MB/s | vs raw read | first pass vs raw | peak RSS growth | worker peak RSS |",
+            "| DataLoader workers | rows/s | MB/s | vs raw read | first pass vs raw "
+            "| peak RSS growth | worker peak RSS |",
             "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for workers in worker_counts(args):
@@ -335,7 +336,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], h
             "",
             f"Delivered to `{args.device}` (warm, shuffle on, page-locked batches, `non_blocking` copies):",
             "",
-            "| DataLoader workers | rows/s | GB/s | vs raw read | first pass vs raw | peak RSS growth | worker peak RSS |",
+            "| DataLoader workers | rows/s | GB/s | vs raw read | first pass vs raw "
+            "| peak RSS growth | worker peak RSS |",
             "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for workers in worker_counts(args):

@@ -81,7 +81,9 @@ def main() -> None:
             indices = torch.rand(args.rows, m, device=device).topk(k, dim=-1).indices
             dense = seconds(step(dense_decode, values, indices, weight, autocast), device, args.repeats)
             gathered = seconds(step(gather_decode, values, indices, weight, autocast), device, args.repeats)
-            lines.append(f"| {k} | {m} | {k / m:.4f} | {1e3 * dense:.2f} | {1e3 * gathered:.2f} | {dense / gathered:.2f} |")
+            lines.append(
+                f"| {k} | {m} | {k / m:.4f} | {1e3 * dense:.2f} | {1e3 * gathered:.2f} | {dense / gathered:.2f} |"
+            )
             print(lines[-1], flush=True)
     print("\n".join(lines))
 

@@ -15,7 +15,8 @@ Each SAE is then spliced into the language model by ``lightning_sae evaluate`` o
 the cache never read (the cache reads the Python docs in sorted order and stops long before
 ``whatsnew/``): ΔCE = CE with the SAE spliced in − clean CE, KL(clean ‖ spliced), loss recovered,
 and L0 and FVU on those tokens; "L0, held-out rows" and "dead" (the share of features that fire
-on none of them) are measured on the file's held-out activation rows, text like the training text. Target (issue 8): every recipe at ΔCE and KL no higher than the plain loop's.
+on none of them) are measured on the file's held-out activation rows, text like the training text.
+Target (issue 8): every recipe at ΔCE and KL no higher than the plain loop's.
 The Markdown report goes to ``--out`` and the numbers to ``--results`` (JSON).
 """
 
@@ -104,8 +105,8 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, command
             verdict = "✓" if met else "✗"
         lines.append(
             f"| {entry['method']} | {entry['delta_ce']:.4f} | {entry['kl']:.4f} | {entry['loss_recovered']:.1%} | "
-            f"{entry['l0']:.1f} | {rows_l0} | {train_l0} | {entry['fvu']:.3f} | {entry['dead']:.0%} | {entry['seconds']:.0f} | "
-            f"{verdict} |"
+            f"{entry['l0']:.1f} | {rows_l0} | {train_l0} | {entry['fvu']:.3f} | {entry['dead']:.0%} | "
+            f"{entry['seconds']:.0f} | {verdict} |"
         )
     return "\n".join(lines) + "\n"
 

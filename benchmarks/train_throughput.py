@@ -110,7 +110,8 @@ def plain_step(recipe: str, d_in: int, d_sae: int, k: int, batch: Tensor, precis
 # ------------------------------------------------------------------------------------------ model
 def recipe_model(recipe: str, data: Path, d_sae: int, k: int, precision: str) -> SparseAutoencoder:
     """The recipe config's model, as ``fit`` would build it on ``data``."""
-    cli = SAECLI(SparseAutoencoder, ActivationDataModule, run=False, args=recipe_args(recipe, data, d_sae, k, precision))
+    args = recipe_args(recipe, data, d_sae, k, precision)
+    cli = SAECLI(SparseAutoencoder, ActivationDataModule, run=False, args=args)
     return cli.model
 
 

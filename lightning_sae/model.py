@@ -394,11 +394,14 @@ class SparseAutoencoder(LightningModule):
             return self.hparams.lr
         return 2e-4 * (2**14 / self.d_sae) ** 0.5
 
-    def restart_lr_warmup(self) -> None:
-        """Start the post-resampling learning-rate re-warmup (seed 001)."""
+    def settle_after_resampling(self) -> None:
+        """Start the post-resampling learning-rate re-warmup (seed 001) and hold the L0 controller's
+        coefficient while the revived features settle (:meth:`~lightning_sae.target_l0.L0Controller.hold`)."""
         schedule = self.lr_schedulers()
         assert isinstance(schedule, WarmupDecaySchedule)
         schedule.restart_warmup()
+        if self.l0_controller is not None:
+            self.l0_controller.hold(self.global_step, self.total_steps)
 
     @torch.no_grad()
     def reset_optimizer_state_(self, optimizers: Iterable[Optimizer], indices: Tensor) -> None:
@@ -590,11 +593,12 @@ def upgrade_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     Before the model owned its firing counter, AuxK kept ``penalties.<i>.tokens_since_fired``:
     that count becomes ``firing.rows_since_fired`` (zeros when there was none). Before the L0
     controller smoothed its L0, it had no ``l0_controller.mean_l0`` and ``slow_mean_l0``: they start
-    unset (−1).
+    unset (−1); before it held after a resampling, no ``l0_controller.held_until`` (−1: not holding).
     """
     if "l0_controller.log_factor" in state:
         state.setdefault("l0_controller.mean_l0", torch.tensor(-1.0))
         state.setdefault("l0_controller.slow_mean_l0", torch.tensor(-1.0))
+        state.setdefault("l0_controller.held_until", torch.tensor(-1))
     if "firing.rows_since_fired" not in state:
         old = [key for key in state if key.endswith(".tokens_since_fired")]
         counts = state[old[0]] if old else torch.zeros(state["b_enc"].shape[0], dtype=torch.long)

@@ -38,6 +38,12 @@ class L0Controller(nn.Module):
       set of docs/benchmarks.md).
       |log φ| stays below ``max_log_factor``, so an unreachable target ends the search instead of
       running λ·φ to 0 or infinity.
+    - hold: for ``settle_fraction`` of the run after :meth:`hold` (called when features are
+      revived), φ stays where it is and only the averages move. Resampled features start firing on
+      about half the rows (Bricken et al.'s b_enc = 0), so L0 jumps a hundredfold for a while; a
+      search chasing that jump multiplied λ by 300 within tens of steps and killed 60% of the
+      features, the revived ones with them (ReLU + L1 on the wide-sparse set of docs/benchmarks.md,
+      stop 33).
     - glide (``glide`` G > 1, instead of the ramp): the search runs from the first step, from the
       configured λ (φ = 1), towards a target that falls geometrically over the warmup,
       T_s = T·G^(1 − (s + 1)/W), then stays at T. L0 then comes down from G·T at a pace set by the
@@ -58,6 +64,7 @@ class L0Controller(nn.Module):
         smoothing: tuple[float, float] = (0.9, 0.98),
         approach_horizon: float = 0.2,
         glide: float = 1.0,
+        settle_fraction: float = 0.05,
     ) -> None:
         """
         Args:
@@ -72,6 +79,7 @@ class L0Controller(nn.Module):
                 target for the search to hold φ instead of pushing it further.
             glide: The L0 asked for at the first step, as a multiple G of the target: the target is
                 T_s = T·G^(1 − (s + 1)/W) during the warmup, falling geometrically to T (1: T throughout).
+            settle_fraction: Fraction of the run after a :meth:`hold` during which φ does not move.
         """
         super().__init__()
         if target <= 0:
@@ -82,6 +90,8 @@ class L0Controller(nn.Module):
             raise UserError(f"the L0 controller's approach_horizon must be in [0, 1], got {approach_horizon}")
         if glide < 1:
             raise UserError(f"target_l0_glide must be at least 1, got {glide}")
+        if not 0 <= settle_fraction <= 1:
+            raise UserError(f"the L0 controller's settle_fraction must be in [0, 1], got {settle_fraction}")
         self.target = target
         self.glide = glide
         self.warmup_fraction = warmup_fraction
@@ -89,6 +99,7 @@ class L0Controller(nn.Module):
         self.max_log_factor = max_log_factor
         self.smoothing = smoothing
         self.approach_horizon = approach_horizon
+        self.settle_fraction = settle_fraction
         fast, slow = smoothing
         self.lag = max(1.0, slow / (1 - slow) - fast / (1 - fast))
         """Steps by which the slower average trails L̄ on a steady trend (at least the one step between updates)."""
@@ -96,6 +107,7 @@ class L0Controller(nn.Module):
         self.register_buffer("mean_l0", torch.tensor(-1.0))  # L̄; −1: no step yet
         self.register_buffer("slow_mean_l0", torch.tensor(-1.0))
         self.register_buffer("ramping", torch.tensor(warmup_fraction > 0 and glide == 1))
+        self.register_buffer("held_until", torch.tensor(-1))  # φ holds while the step is below this
 
     def ramp(self, step: int, total_steps: int) -> float:
         """min(1, (s + 1)/W), or 1 without a warmup."""
@@ -111,6 +123,10 @@ class L0Controller(nn.Module):
         """φ at step ``step``: the multiplier of the penalty's configured coefficient."""
         ramp = torch.full_like(self.log_factor, self.ramp(step, total_steps))
         return torch.where(self.ramping, ramp, self.log_factor.exp())
+
+    def hold(self, step: int, total_steps: int) -> None:
+        """Keep φ as it is for the ``settle_fraction`` of the run that follows step ``step``."""
+        self.held_until.fill_(step + round(self.settle_fraction * total_steps))
 
     @torch.no_grad()
     def update(self, step_l0: Tensor, step: int, total_steps: int) -> None:
@@ -131,7 +147,7 @@ class L0Controller(nn.Module):
         ramp_continues = self.ramping & (ramp_error > 0) & (self.ramp(step, total_steps) < 1)
         ramp = torch.full_like(self.log_factor, math.log(self.ramp(step, total_steps)))
         self.log_factor.copy_(torch.where(self.ramping, ramp, self.log_factor))
-        searching = ~ramp_continues & ~approaching
+        searching = ~ramp_continues & ~approaching & (self.held_until < step)
         step_size = torch.where(searching, self.gain * error, torch.zeros_like(error))
         self.log_factor.add_(step_size).clamp_(-self.max_log_factor, self.max_log_factor)
         self.ramping.copy_(ramp_continues)

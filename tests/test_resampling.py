@@ -118,6 +118,31 @@ def test_lr_drops_to_a_tenth_and_warms_back(
     assert record.lr[RESAMPLE_STEP] == pytest.approx(lr / 10)
 
 
+class RecordFactor(Callback):
+    """The L0 controller's log φ after each training step."""
+
+    def __init__(self) -> None:
+        self.log_factor: list[float] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self.log_factor.append(pl_module.l0_controller.log_factor.item())
+
+
+def test_the_l0_controller_holds_while_revived_features_settle(
+    toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer]
+) -> None:
+    """Revived features fire on about half the rows; the coefficient does not chase that L0 jump."""
+    steps, settle = 60, 3  # the controller holds for 5% of the run
+    data = toy_data()
+    model = silenced_model(data.input_scale, target_l0=1.0)
+    record = RecordFactor()
+    callback_trainer(steps, [Resampling(steps=[RESAMPLE_STEP], sample_rows=1024), record]).fit(model, data)
+    changes = [after != before for before, after in zip(record.log_factor, record.log_factor[1:])]
+    held = changes[RESAMPLE_STEP - 1 : RESAMPLE_STEP + settle]  # log φ after steps RESAMPLE_STEP - 1 .. + settle
+    assert not any(held), record.log_factor
+    assert all(changes[: RESAMPLE_STEP - 1]) and changes[RESAMPLE_STEP + settle], "the search runs outside the hold"
+
+
 def adam_after_steps(model: SparseAutoencoder, steps: int = 3) -> torch.optim.Adam:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(steps):

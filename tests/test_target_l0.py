@@ -49,6 +49,20 @@ def test_an_approach_too_slow_to_reach_the_target_within_the_horizon_is_pushed()
 def test_bad_horizons_are_refused() -> None:
     with pytest.raises(UserError, match="approach_horizon"):
         L0Controller(target=3.0, approach_horizon=-0.1)
+    with pytest.raises(UserError, match="settle_fraction"):
+        L0Controller(target=3.0, settle_fraction=1.5)
+
+
+def test_the_factor_holds_through_the_settling_after_a_resampling() -> None:
+    controller = L0Controller(target=3.0, gain=0.1, smoothing=(0.5, 0.5), settle_fraction=0.1)  # 10 of 100 steps
+    controller.update(torch.tensor(3.0), step=0, total_steps=100)
+    controller.hold(step=0, total_steps=100)
+    for step in range(1, 11):  # revived features fire everywhere: L0 jumps, φ waits
+        controller.update(torch.tensor(500.0), step=step, total_steps=100)
+        assert controller.log_factor.item() == 0.0
+    assert controller.mean_l0.item() > 400, "the averages follow the L0 while φ holds"
+    controller.update(torch.tensor(500.0), step=11, total_steps=100)
+    assert controller.log_factor.item() > 0, "the search resumes after the settling"
 
 
 def test_the_factor_stays_bounded() -> None:
@@ -85,6 +99,9 @@ def test_state_is_saved_with_the_model() -> None:
     restored.load_state_dict(controller.state_dict())
     assert restored.log_factor == controller.log_factor and not restored.ramping
     assert restored.mean_l0 == controller.mean_l0 and restored.slow_mean_l0 == controller.slow_mean_l0
+    controller.hold(step=3, total_steps=10)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.held_until == controller.held_until
 
 
 def test_bad_targets_are_refused() -> None:

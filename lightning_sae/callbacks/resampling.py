@@ -33,8 +33,8 @@ class Resampling(ScheduledIntervention):
        of ``calibration_rows`` training rows
        (:func:`~lightning_sae.callbacks.calibration.firing_rate_biases`);
     4. zero the optimizer's per-element state (Adam's exp_avg, exp_avg_sq) of exactly those
-       rows, columns and entries, and start the learning-rate re-warmup (seed 001:
-       ``model.restart_lr_warmup()``).
+       rows, columns and entries, start the learning-rate re-warmup (seed 001) and hold the L0
+       controller's coefficient while the revived features settle (``model.settle_after_resampling()``).
 
     Encoder-specific parameters (JumpReLU thresholds) are kept: with b_enc[i] = 0 a JumpReLU
     feature whose threshold rose until it died would stay dead. Rank 0 draws the rows (and
@@ -105,7 +105,7 @@ class Resampling(ScheduledIntervention):
         if self.firing_rate is not None:
             self.calibrate_(trainer, model, indices)
         model.firing.revive_(indices)
-        model.restart_lr_warmup()
+        model.settle_after_resampling()
         rank_zero_info(f"Resampling: {len(indices)} dead features resampled at step {trainer.global_step}")
         return indices
 

@@ -39,11 +39,11 @@ class L0Controller(nn.Module):
       |log φ| stays below ``max_log_factor``, so an unreachable target ends the search instead of
       running λ·φ to 0 or infinity.
     - hold: for ``settle_fraction`` of the run after :meth:`hold` (called when features are
-      revived), φ stays where it is and only the averages move. Resampled features start firing on
-      about half the rows (Bricken et al.'s b_enc = 0), so L0 jumps a hundredfold for a while; a
-      search chasing that jump multiplied λ by 300 within tens of steps and killed 60% of the
-      features, the revived ones with them (ReLU + L1 on the wide-sparse set of docs/benchmarks.md,
-      stop 33).
+      revived), the search does not move φ (a ramp still rises) and only the averages move.
+      Resampled features start firing on about half the rows (Bricken et al.'s b_enc = 0), so L0
+      jumps for a while (6 to 143 with 2,218 revived); a search chasing the jump multiplied λ by
+      300 within 50 steps, or killed 2/3 of the features (ReLU + L1 on the wide-sparse set of
+      docs/benchmarks.md, stop 33).
     - glide (``glide`` G > 1, instead of the ramp): the search runs from the first step, from the
       configured λ (φ = 1), towards a target that falls geometrically over the warmup,
       T_s = T·G^(1 − (s + 1)/W), then stays at T. L0 then comes down from G·T at a pace set by the
@@ -79,7 +79,7 @@ class L0Controller(nn.Module):
                 target for the search to hold φ instead of pushing it further.
             glide: The L0 asked for at the first step, as a multiple G of the target: the target is
                 T_s = T·G^(1 − (s + 1)/W) during the warmup, falling geometrically to T (1: T throughout).
-            settle_fraction: Fraction of the run after a :meth:`hold` during which φ does not move.
+            settle_fraction: Fraction of the run after a :meth:`hold` during which the search does not move φ.
         """
         super().__init__()
         if target <= 0:
@@ -107,7 +107,7 @@ class L0Controller(nn.Module):
         self.register_buffer("mean_l0", torch.tensor(-1.0))  # L̄; −1: no step yet
         self.register_buffer("slow_mean_l0", torch.tensor(-1.0))
         self.register_buffer("ramping", torch.tensor(warmup_fraction > 0 and glide == 1))
-        self.register_buffer("held_until", torch.tensor(-1))  # φ holds while the step is below this
+        self.register_buffer("held_until", torch.tensor(-1))  # the search holds φ up to this step
 
     def ramp(self, step: int, total_steps: int) -> float:
         """min(1, (s + 1)/W), or 1 without a warmup."""

@@ -125,7 +125,7 @@ class L0Controller(nn.Module):
         return torch.where(self.ramping, ramp, self.log_factor.exp())
 
     def hold(self, step: int, total_steps: int) -> None:
-        """Keep φ as it is for the ``settle_fraction`` of the run that follows step ``step``."""
+        """Stop the search moving φ for the ``settle_fraction`` of the run that follows step ``step``."""
         self.held_until.fill_(step + round(self.settle_fraction * total_steps))
 
     @torch.no_grad()

@@ -159,15 +159,17 @@ def test_checkpoints_of_earlier_versions_load() -> None:
     assert restored.penalties[0].coefficient == 0.5
 
 
-def test_checkpoints_of_a_controller_without_a_smoothed_l0_load() -> None:
+def test_checkpoints_of_a_controller_without_a_smoothed_l0_or_a_hold_load() -> None:
     model = SparseAutoencoder(d_in=8, d_sae=16, penalties=[L1(1.0)], target_l0=4.0)
-    state = {key: value for key, value in model.state_dict().items() if "mean_l0" not in key}
+    old_keys = ("mean_l0", "held_until")
+    state = {key: value for key, value in model.state_dict().items() if not key.endswith(old_keys)}
     state["l0_controller.log_factor"] = torch.tensor(0.5)
     hyper_parameters = dict(model.hparams)
     plugins = {"encoder": plugin_spec(model.encoder, skip=("d_sae",)), "penalties": [plugin_spec(model.penalties[0])]}
     checkpoint = {"state_dict": state, "hyper_parameters": hyper_parameters, "plugins": plugins}
     restored = SparseAutoencoder.from_checkpoint_dict(checkpoint)
     assert restored.l0_controller.log_factor.item() == 0.5 and restored.l0_controller.mean_l0.item() == -1
+    assert restored.l0_controller.held_until.item() == -1
 
 
 def test_a_model_holding_nan_or_inf_is_not_checkpointed() -> None:

@@ -66,7 +66,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a directory, not a checkpoint file: give a .ckpt file written by 'lightning_sae fit'")
+        raise UserError(
+            f"{path} is a directory, not a checkpoint file: give a .ckpt file written by 'lightning_sae fit'"
+        )
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:

@@ -218,7 +218,8 @@ class SAECLI(LightningCLI):
         if continues or rank_zero_only.rank != 0:
             return None
         if not own_directory:
-            earlier = [log_dir / saver.config_filename for saver in savers if (log_dir / saver.config_filename).exists()]
+            config_paths = [log_dir / saver.config_filename for saver in savers]
+            earlier = [path for path in config_paths if path.exists()]
             if earlier and not self.overwrite:
                 raise UserError(
                     f"{earlier[0]} is an earlier run's: pass --overwrite true to replace its config and export, or "

@@ -137,7 +137,9 @@ def export(
     """
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
-        raise UserError(f"{out} is a folder with other files than an SAE export ({CONFIG_FILE} missing): give a new --out")
+        raise UserError(
+            f"{out} is a folder with other files than an SAE export ({CONFIG_FILE} missing): give a new --out"
+        )
     config = saelens_config(model, source)
     folded = model.folded()
     empty = out.is_dir() and not any(out.iterdir())

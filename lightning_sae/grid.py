@@ -388,7 +388,8 @@ def grid(
     if busy:
         print(f"{len(busy)} points were running in another process; run the grid again once it ends")
         return [loaded.out / point.name for point in loaded.points]
-    print(f"all {len(loaded.points)} points finished in {loaded.out}; report: lightning_sae report --run_dir {loaded.out}")
+    report = f"lightning_sae report --run_dir {loaded.out}"
+    print(f"all {len(loaded.points)} points finished in {loaded.out}; report: {report}")
     return [loaded.out / point.name for point in loaded.points]
 
 
@@ -409,7 +410,8 @@ def _claim_out(loaded: Grid) -> None:
         earlier = json.loads(manifest.read_text())
         if earlier.get("data") != record["data"]:
             raise UserError(
-                f"{loaded.out} holds this grid's runs on {earlier.get('data')}, not {record['data']}: give another --out"
+                f"{loaded.out} holds this grid's runs on {earlier.get('data')}, not {record['data']}: "
+                "give another --out"
             )
     with written_atomically(manifest) as temporary:
         temporary.write_text(json.dumps(record, indent=1) + "\n")

@@ -446,7 +446,10 @@ class SparseAutoencoder(LightningModule):
 
     @torch.no_grad()
     def fold_centering_(self) -> None:
-        """Turn h = (x − b_dec)·W_enc + b_enc into h = x·W_enc + b_enc' in place: b_enc' = b_enc − b_dec·W_enc."""
+        """Turn h = (x − b_dec)·W_enc + b_enc into h = x·W_enc + b_enc' in place.
+
+        b_enc' = b_enc − b_dec·W_enc.
+        """
         if self.center_input:
             self.b_enc.sub_(self.b_dec @ self.W_enc)
             self.center_input = False

@@ -48,7 +48,9 @@ def hyperparameters(config: Any) -> dict[str, Any]:
     return {name: value for name, value in flat.items() if name.split(".")[0] in HPARAM_SECTIONS}
 
 
-def write_metrics(log_dir: Path, metrics: dict[str, float], step: int, train_rows: int, hparams: dict[str, Any]) -> Path:
+def write_metrics(
+    log_dir: Path, metrics: dict[str, float], step: int, train_rows: int, hparams: dict[str, Any]
+) -> Path:
     """Write ``metrics.json`` (whole) to ``log_dir``: final metrics, optimizer steps, training rows
     and the hyperparameters. Returns its path."""
     path = Path(log_dir) / METRICS_FILE

@@ -38,7 +38,8 @@ def test_a_checkpoint_that_does_not_fit_keeps_the_previous_one_and_leaves_no_par
 def test_a_written_checkpoint_loads_back(tmp_path: Path) -> None:
     checkpoint = checkpoint_of(4)
     AtomicCheckpointIO().save_checkpoint(checkpoint, tmp_path / "a" / "x.ckpt")
-    torch.testing.assert_close(read_checkpoint(tmp_path / "a" / "x.ckpt")["state_dict"]["W"], checkpoint["state_dict"]["W"])
+    saved = read_checkpoint(tmp_path / "a" / "x.ckpt")
+    torch.testing.assert_close(saved["state_dict"]["W"], checkpoint["state_dict"]["W"])
 
 
 @pytest.mark.parametrize(

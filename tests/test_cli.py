@@ -69,7 +69,9 @@ def test_fit_recovers_the_ground_truth_features(fitted: Path, capsys: pytest.Cap
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars = EventAccumulator(str(fitted)).Reload().Tags()["scalars"]
-    for tag in ("val/mmcs", "val/fvu", "val/l0", "val/dead_fraction", "train/loss", "train/mse", "train/l1", "train/lr", "train/l1_coefficient"):
+    validation = ("val/mmcs", "val/fvu", "val/l0", "val/dead_fraction")
+    training = ("train/loss", "train/mse", "train/l1", "train/lr", "train/l1_coefficient")
+    for tag in validation + training:
         assert tag in scalars, tag
     mmcs = EventAccumulator(str(fitted)).Reload().Scalars("val/mmcs")[-1].value
     assert mmcs >= 0.9
@@ -94,13 +96,15 @@ def test_export_reproduces_the_model_on_raw_activations(fitted: Path, toy_file: 
 def test_export_command_matches_the_fit_end_export(fitted: Path, tmp_path: Path) -> None:
     (checkpoint,) = (fitted / "checkpoints").glob("*.ckpt")
     main(["export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "again")])
-    first, again = load_file(fitted / "sae" / "sae_weights.safetensors"), load_file(tmp_path / "again" / "sae_weights.safetensors")
+    first = load_file(fitted / "sae" / "sae_weights.safetensors")
+    again = load_file(tmp_path / "again" / "sae_weights.safetensors")
     for name in first:
         torch.testing.assert_close(first[name], again[name], atol=1e-6, rtol=1e-6)
 
 
 def test_synth_command_writes_a_file(tmp_path: Path) -> None:
-    main(["synth", "--out", str(tmp_path / "s.h5"), "--n_rows", "100", "--d_in", "4", "--n_features", "8", "--mean_active", "1"])
+    sizes = ["--n_rows", "100", "--d_in", "4", "--n_features", "8", "--mean_active", "1"]
+    main(["synth", "--out", str(tmp_path / "s.h5"), *sizes])
     with h5py.File(tmp_path / "s.h5") as file:
         assert file[ACTIVATIONS].shape == (100, 4)
 
@@ -246,7 +250,8 @@ def test_a_fit_from_a_checkpoint_of_its_run_continues_in_its_directory(
     from lightning_sae.checkpoint_io import read_checkpoint
 
     last = read_checkpoint(run / "checkpoints" / "epoch=1-step=40.ckpt")
-    assert last["plugins"]["penalties"][0]["init_args"]["coefficient"] == 2.0, "a penalty's coefficient applies as given"
+    coefficient = last["plugins"]["penalties"][0]["init_args"]["coefficient"]
+    assert coefficient == 2.0, "a penalty's coefficient applies as given"
     assert "coefficient: 2.0" in (run / "config.yaml").read_text()
     assert (run / "sae" / "cfg.json").is_file() and len(list(run.glob("events.out.tfevents.*"))) == 2
 
@@ -256,7 +261,8 @@ def test_export_refuses_an_existing_export_and_overwrite_replaces_it_whole(
 ) -> None:
     from lightning_sae.export import export, load_export
 
-    out = export(SparseAutoencoder(d_in=16, d_sae=128), tmp_path / "sae", log10_feature_density=torch.full((128,), -2.0))
+    density = torch.full((128,), -2.0)
+    out = export(SparseAutoencoder(d_in=16, d_sae=128), tmp_path / "sae", log10_feature_density=density)
     (checkpoint,) = (fitted / "checkpoints").glob("*.ckpt")
     command = ["export", "--ckpt", str(checkpoint), "--out", str(out)]
     expect_user_error(command, capsys, f"{out} exists; pass --overwrite true to replace it")
@@ -331,7 +337,8 @@ def test_a_read_only_output_folder_is_one_line(
     expect_user_error(fit_args(toy_file, read_only), capsys, "cannot create the run directory")
     (checkpoint,) = (fitted / "checkpoints").glob("*.ckpt")
     out = read_only / "sae"
-    expect_user_error(["export", "--ckpt", str(checkpoint), "--out", str(out)], capsys, f"cannot write {out}: Permission denied")
+    command = ["export", "--ckpt", str(checkpoint), "--out", str(out)]
+    expect_user_error(command, capsys, f"cannot write {out}: Permission denied")
 
 
 @contextmanager

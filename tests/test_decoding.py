@@ -45,4 +45,5 @@ def test_auto_decoding_gathers_only_for_few_features_per_row_and_more_readily_on
 @pytest.mark.parametrize("decoding", ["auto", "dense", "sparse"])
 def test_every_decoding_choice_gives_the_same_sum(decoding: str) -> None:
     values, indices, weight = _inputs()
-    torch.testing.assert_close(decode_selected(values, indices, weight, decoding), dense_decode(values, indices, weight))
+    expected = dense_decode(values, indices, weight)
+    torch.testing.assert_close(decode_selected(values, indices, weight, decoding), expected)

@@ -148,7 +148,7 @@ def test_bad_jumprelu_arguments_are_refused() -> None:
 
 @pytest.mark.parametrize("ste", ["anthropic", "paper"])
 def test_effective_thresholds_jump_at_h_times_the_decoder_norm(ste: str) -> None:
-    """f = h·H(h‖W_d‖ − θ), and its pseudo-derivatives are the pre-activation form's, taken at u = h‖W_d‖."""
+    """f = h·H(h‖W_d‖ − θ); its pseudo-derivatives are the pre-activation form's, taken at u = h‖W_d‖."""
     torch.manual_seed(0)
     effective = JumpReLU(6, bandwidth=0.5, initial_log_threshold=0.0, ste=ste, threshold_units="effective")
     plain = JumpReLU(6, bandwidth=0.5, initial_log_threshold=0.0, ste=ste)

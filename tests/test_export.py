@@ -31,7 +31,11 @@ ENCODERS: dict[str, Callable[[int], Encoder]] = {
     "batchtopk": functools.partial(BatchTopK, k=K),
 }
 SAELENS_ARCHITECTURES = {
-    "relu": "standard", "jumprelu": "jumprelu", "jumprelu-effective": "jumprelu", "topk": "topk", "batchtopk": "jumprelu"
+    "relu": "standard",
+    "jumprelu": "jumprelu",
+    "jumprelu-effective": "jumprelu",
+    "topk": "topk",
+    "batchtopk": "jumprelu",
 }
 CASES = [(name, None) for name in ENCODERS] + [("relu", D_OUT), ("jumprelu", D_OUT), ("topk", D_OUT)]
 """(encoder, d_out): the four SAEs, then transcoders (d_out ≠ d_in)."""

@@ -40,7 +40,9 @@ def write_grid(path: Path, **spec: Any) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ran(toy_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
+def ran(
+    toy_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
     """A two-by-two grid (d_sae × L0) of a few steps on the toy file, run by `make grid JOBS=2`,
     then reported by `make report`."""
     folder = tmp_path_factory.mktemp("grid")

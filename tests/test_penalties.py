@@ -88,8 +88,8 @@ def test_l0_counts_active_features_and_trains_the_threshold(ste: str) -> None:
 
 
 def test_tanh_through_a_jumprelu_has_the_same_value_and_the_jump_as_its_threshold_gradient() -> None:
-    """Σ H(h − θ)·tanh(c·h·‖W_d‖): the threshold gradient is −(1/ε)·K·tanh(c·h·‖W_d‖) (the penalty's
-    jump), not −(θ/ε)·K times tanh's slope at f."""
+    """Σ H(h − θ)·tanh(c·h·‖W_d‖): the threshold gradient is −(1/ε)·K·tanh(c·h·‖W_d‖)
+    (the penalty's jump), not −(θ/ε)·K times tanh's slope at f."""
     encoder = JumpReLU(7, bandwidth=1.0, initial_log_threshold=0.0)
     out = make_output(encoder=encoder)
     c = 4.0

@@ -68,7 +68,10 @@ def test_offset_and_magnitudes(tmp_path: Path) -> None:
 
 def test_bad_magnitudes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="magnitude"):
-        synth(out=tmp_path / "t.h5", n_rows=10, d_in=4, n_features=8, mean_active=1.0, min_magnitude=2.0, max_magnitude=1.0)
+        synth(
+            out=tmp_path / "t.h5", n_rows=10, d_in=4, n_features=8, mean_active=1.0, min_magnitude=2.0,
+            max_magnitude=1.0,
+        )
 
 
 def _rows(path: Path) -> np.ndarray:
@@ -96,7 +99,8 @@ def test_overwriting_a_file_a_run_reads_is_refused_and_the_file_kept(
 
 def test_a_killed_synth_leaves_no_file_that_reads_as_complete(tmp_path: Path) -> None:
     out = tmp_path / "t.h5"
-    child = subprocess.Popen([sys.executable, "-m", "lightning_sae.cli", "synth", "--out", str(out), "--n_rows", "100000000"])
+    command = [sys.executable, "-m", "lightning_sae.cli", "synth", "--out", str(out), "--n_rows", "100000000"]
+    child = subprocess.Popen(command)
     try:
         deadline = time.monotonic() + 120
         while not any(p.stat().st_size > 1 << 20 for p in tmp_path.iterdir()) and time.monotonic() < deadline:

@@ -35,7 +35,9 @@ class ShrinkageCorrection(Callback):
     ``lightning_sae export`` of a checkpoint the uncorrected one.
     """
 
-    def __init__(self, rows: int = 65_536, steps: int = 500, batch_size: int = 4096, lr: float = 0.01, seed: int = 0) -> None:
+    def __init__(
+        self, rows: int = 65_536, steps: int = 500, batch_size: int = 4096, lr: float = 0.01, seed: int = 0
+    ) -> None:
         """
         Args:
             rows: Training rows δ is fitted on (read again each pass, never all in memory).

@@ -113,6 +113,7 @@ def synth(
                 format.append(file, x.astype(dtype))
     except OSError as error:
         if out_of_space(error):
-            raise UserError(f"no space left on the disk to write {out}; nothing was written (free space and rerun)") from None
+            message = f"no space left on the disk to write {out}; nothing was written (free space and rerun)"
+            raise UserError(message) from None
         raise
     return out

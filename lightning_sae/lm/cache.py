@@ -173,7 +173,8 @@ def _output_paths(output: Path, layers: list[int], resume: bool, overwrite: bool
         refuse_if_in_use(path, "resume" if resume else "overwrite" if overwrite else "write")
     if existing and not (resume or overwrite):
         raise UserError(
-            f"{', '.join(map(str, existing))} exists; pass --resume true to continue it or --overwrite true to replace it"
+            f"{', '.join(map(str, existing))} exists; "
+            "pass --resume true to continue it or --overwrite true to replace it"
         )
     return paths
 

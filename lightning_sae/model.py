@@ -596,12 +596,15 @@ def upgrade_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     Before the model owned its firing counter, AuxK kept ``penalties.<i>.tokens_since_fired``:
     that count becomes ``firing.rows_since_fired`` (zeros when there was none). Before the L0
     controller smoothed its L0, it had no ``l0_controller.mean_l0`` and ``slow_mean_l0``: they start
-    unset (−1); before it held after a resampling, no ``l0_controller.held_until`` (−1: not holding).
+    unset (−1); before it held after a resampling, no ``l0_controller.held_until`` (−1: not holding);
+    before its ramp waited for L0 to fall to the target from above, no ``l0_controller.was_above``
+    (True: the earlier ramp ended at any L0 ≤ T).
     """
     if "l0_controller.log_factor" in state:
         state.setdefault("l0_controller.mean_l0", torch.tensor(-1.0))
         state.setdefault("l0_controller.slow_mean_l0", torch.tensor(-1.0))
         state.setdefault("l0_controller.held_until", torch.tensor(-1))
+        state.setdefault("l0_controller.was_above", torch.tensor(True))
     if "firing.rows_since_fired" not in state:
         old = [key for key in state if key.endswith(".tokens_since_fired")]
         counts = state[old[0]] if old else torch.zeros(state["b_enc"].shape[0], dtype=torch.long)

@@ -17,9 +17,13 @@ class L0Controller(nn.Module):
     target:
 
     - ramp: φ_s = min(1, (s + 1)/W), W = ``warmup_fraction`` of the run's steps (seed 000's linear
-      warmup of the sparsity coefficient from 0), until the ramp reaches 1 or L0_s ≤ T, whichever
-      comes first: a configured λ that is larger than needed is never reached, so it cannot
-      overshoot the target and silence features for good;
+      warmup of the sparsity coefficient from 0), until the ramp reaches 1 or L0 falls to T from
+      above (L0_s ≤ T after a step with L0 > T), whichever comes first: a configured λ that is
+      larger than needed is never reached, so it cannot overshoot the target and silence features
+      for good. "From above": an SAE whose b_enc was calibrated to fire at the target starts at
+      L0 ≤ T, and while λ ≈ 0 its L0 rises; ending the ramp at step 0 handed a search at φ = 1/W
+      errors of log(637/11), and it multiplied λ by 10^7 within 100 steps (anthropic-jan2025 with
+      b_enc calibrated to the target, wide-input set of docs/benchmarks.md, stop 35);
     - search: then an integral controller on log φ, with L̄_s an exponential moving average of L0
       over about 10 steps and e_s = log((L̄_s + 1) / (T + 1)),
 
@@ -108,6 +112,7 @@ class L0Controller(nn.Module):
         self.register_buffer("slow_mean_l0", torch.tensor(-1.0))
         self.register_buffer("ramping", torch.tensor(warmup_fraction > 0 and glide == 1))
         self.register_buffer("held_until", torch.tensor(-1))  # the search holds φ up to this step
+        self.register_buffer("was_above", torch.tensor(False))  # L0 has exceeded the target during the ramp
 
     def ramp(self, step: int, total_steps: int) -> float:
         """min(1, (s + 1)/W), or 1 without a warmup."""
@@ -143,8 +148,9 @@ class L0Controller(nn.Module):
         pace = (torch.log1p(self.mean_l0) - torch.log1p(slow_before)) / self.lag  # change of log(L0 + 1) per step
         horizon = self.approach_horizon * total_steps
         approaching = (error * pace < 0) & (error.abs() <= pace.abs() * horizon)
-        ramp_error = torch.log1p(step_l0) - target
-        ramp_continues = self.ramping & (ramp_error > 0) & (self.ramp(step, total_steps) < 1)
+        above = torch.log1p(step_l0) > target
+        ramp_continues = self.ramping & (above | ~self.was_above) & (self.ramp(step, total_steps) < 1)
+        self.was_above.logical_or_(above)
         ramp = torch.full_like(self.log_factor, math.log(self.ramp(step, total_steps)))
         self.log_factor.copy_(torch.where(self.ramping, ramp, self.log_factor))
         searching = ~ramp_continues & ~approaching & (self.held_until < step)

@@ -159,9 +159,9 @@ def test_checkpoints_of_earlier_versions_load() -> None:
     assert restored.penalties[0].coefficient == 0.5
 
 
-def test_checkpoints_of_a_controller_without_a_smoothed_l0_or_a_hold_load() -> None:
+def test_checkpoints_of_a_controller_without_a_smoothed_l0_a_hold_or_a_ramp_from_above_load() -> None:
     model = SparseAutoencoder(d_in=8, d_sae=16, penalties=[L1(1.0)], target_l0=4.0)
-    old_keys = ("mean_l0", "held_until")
+    old_keys = ("mean_l0", "held_until", "was_above")
     state = {key: value for key, value in model.state_dict().items() if not key.endswith(old_keys)}
     state["l0_controller.log_factor"] = torch.tensor(0.5)
     hyper_parameters = dict(model.hparams)
@@ -170,6 +170,7 @@ def test_checkpoints_of_a_controller_without_a_smoothed_l0_or_a_hold_load() -> N
     restored = SparseAutoencoder.from_checkpoint_dict(checkpoint)
     assert restored.l0_controller.log_factor.item() == 0.5 and restored.l0_controller.mean_l0.item() == -1
     assert restored.l0_controller.held_until.item() == -1
+    assert restored.l0_controller.was_above.item(), "an earlier ramp ended at any L0 at or below the target"
 
 
 def test_a_model_holding_nan_or_inf_is_not_checkpointed() -> None:

@@ -92,16 +92,29 @@ def test_the_ramp_stops_where_the_target_is_reached() -> None:
     assert controller.factor(40, 100).item() == pytest.approx(math.exp(expected)), "the ramp does not resume"
 
 
+def test_a_ramp_starting_at_or_below_the_target_runs_until_l0_falls_back_to_it_from_above() -> None:
+    controller = L0Controller(target=10.0, warmup_fraction=0.5, gain=0.1, smoothing=(0.0, 0.0))
+    controller.update(torch.tensor(9.0), step=0, total_steps=100)  # b_enc calibrated to the target
+    assert controller.ramping, "an L0 that has not yet risen above the target does not end the ramp"
+    assert controller.factor(1, 100).item() == pytest.approx(2 / 50)
+    controller.update(torch.tensor(300.0), step=1, total_steps=100)  # λ ≈ 0 lets features wake
+    assert controller.ramping
+    controller.update(torch.tensor(10.0), step=2, total_steps=100)
+    assert not controller.ramping
+    assert controller.log_factor.item() == pytest.approx(math.log(3 / 50))
+
+
 def test_state_is_saved_with_the_model() -> None:
     controller = L0Controller(target=2.0, warmup_fraction=0.5)
-    controller.update(torch.tensor(1.0), step=0, total_steps=10)
+    controller.update(torch.tensor(3.0), step=0, total_steps=10)
+    controller.update(torch.tensor(1.0), step=1, total_steps=10)
     restored = L0Controller(target=2.0, warmup_fraction=0.5)
     restored.load_state_dict(controller.state_dict())
     assert restored.log_factor == controller.log_factor and not restored.ramping
     assert restored.mean_l0 == controller.mean_l0 and restored.slow_mean_l0 == controller.slow_mean_l0
     controller.hold(step=3, total_steps=10)
     restored.load_state_dict(controller.state_dict())
-    assert restored.held_until == controller.held_until
+    assert restored.held_until == controller.held_until and restored.was_above == controller.was_above
 
 
 def test_bad_targets_are_refused() -> None:

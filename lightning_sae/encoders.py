@@ -251,6 +251,12 @@ class JumpReLU(Encoder):
         scale = pre_act_scale * decoder_norm_scale if self.threshold_units == "effective" else pre_act_scale
         self.log_threshold.add_(scale.log())
 
+    @torch.no_grad()
+    def set_threshold_(self, threshold: Tensor, decoder_norms: Tensor) -> None:
+        """Make :meth:`threshold` return ``threshold`` (> 0, in pre-activation units) at these decoder norms."""
+        gated = threshold * decoder_norms if self.threshold_units == "effective" else threshold
+        self.log_threshold.copy_(gated.log())
+
 
 class TopK(Encoder):
     """Keep the k largest effective activations h_i·‖W_d,i‖ per row, ReLU'd (Gao et al. 2024)."""

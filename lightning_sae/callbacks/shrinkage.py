@@ -1,8 +1,6 @@
-"""``ShrinkageCorrection``: at the end of fitting, undo the L1 penalty's shrinkage of a ReLU SAE."""
+"""``ShrinkageCorrection``: at the end of fitting, undo a penalty's shrinkage of a ReLU or JumpReLU SAE."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from lightning import Callback, LightningModule, Trainer
@@ -14,21 +12,22 @@ from lightning_sae.errors import UserError
 from lightning_sae.model import SparseAutoencoder
 
 SMALLEST_THRESHOLD = 1e-6
-"""Threshold given to a feature whose fitted correction is 0: JumpReLU needs θ > 0 (log θ)."""
+"""Threshold given to a ReLU feature whose fitted correction is 0: JumpReLU needs θ > 0 (log θ)."""
 
 
 class ShrinkageCorrection(Callback):
-    """Give a ReLU SAE trained with an L1 penalty its unshrunk magnitudes, keeping which features fire.
+    """Give an SAE trained with a magnitude penalty its unshrunk magnitudes, keeping which features fire.
 
     An L1 penalty pulls every active feature down by about the same amount ("shrinkage": Wright &
-    Sharkey 2024, "Addressing feature suppression in SAEs"; Rajamanoharan et al. 2024, Gated SAEs):
-    f_i = ReLU(h_i) where the reconstruction wants h_i + δ_i. At the end of fitting this callback
-    fits δ ≥ 0 with the weights and the firing pattern H(h) fixed,
+    Sharkey 2024, "Addressing feature suppression in SAEs"; Rajamanoharan et al. 2024, Gated SAEs);
+    a tanh penalty (seed 000) pulls the small activations down. f_i = σ(h_i) where the
+    reconstruction wants h_i + δ_i. At the end of fitting this callback fits δ ≥ 0 with the weights
+    and the firing pattern H(h − θ) fixed (θ = 0 for ReLU, the JumpReLU threshold otherwise),
 
-        min_δ  E‖y − (ReLU(h) + H(h)∘δ)·W_dec − b_dec‖²     (Adam, on ``rows`` training rows),
+        min_δ  E‖y − (σ(h) + H(h − θ)∘δ)·W_dec − b_dec‖²     (Adam, on ``rows`` training rows),
 
-    and writes the result as the exact JumpReLU it is: f'_i = (h_i + δ_i)·H(h_i) = JumpReLU_θ(h'_i)
-    with h' = h + δ (b_enc += δ) and θ = δ. L0 and the features that fire are unchanged; the SAE
+    and writes the result as the exact JumpReLU it is: f'_i = (h_i + δ_i)·H(h_i − θ_i) = JumpReLU_θ'(h'_i)
+    with h' = h + δ (b_enc += δ) and θ' = θ + δ. L0 and the features that fire are unchanged; the SAE
     exports as SAELens ``jumprelu``. Put it before ``DecoderNormFolding`` in the callbacks. Under
     DDP every rank fits the same δ (gradients averaged over the ranks). It runs after the last
     checkpoint, which keeps the training state: the fit-end export holds the corrected SAE, and
@@ -55,18 +54,16 @@ class ShrinkageCorrection(Callback):
         self.seed = seed
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Refuse, before training, a model that is not a ReLU SAE (validating the corrected one is fine)."""
+        """Refuse, before training, an SAE whose features are not a threshold's: TopK's depend on the ranking."""
         assert isinstance(pl_module, SparseAutoencoder)
-        if stage == "fit" and type(pl_module.encoder) is not ReLU:
+        if stage == "fit" and not isinstance(pl_module.encoder, (ReLU, JumpReLU)):
             raise UserError(
-                f"ShrinkageCorrection corrects a ReLU SAE's L1 shrinkage; this model's encoder is "
+                f"ShrinkageCorrection corrects a ReLU or JumpReLU SAE's penalty shrinkage; this model's encoder is "
                 f"{type(pl_module.encoder).__name__}: remove the callback"
             )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert isinstance(pl_module, SparseAutoencoder)
-        if type(pl_module.encoder) is not ReLU:  # corrected already (a second fit of the same model)
-            return
         shift = self.fit_shift(pl_module, ActivationDataModule.of(trainer), trainer)
         apply_shift_(pl_module, shift)
         pl_module.validated_step = -1  # the final validation must see the corrected SAE
@@ -86,7 +83,7 @@ class ShrinkageCorrection(Callback):
                     y_batch = None if y is None else y[start : start + self.batch_size].to(model.device)
                     with torch.no_grad():
                         out = model.forward_pass(x_batch, y_batch)
-                        firing = (out.pre_acts > 0).to(out.reconstruction.dtype)
+                        firing = (out.features != 0).to(out.reconstruction.dtype)
                         residual = out.target - out.reconstruction
                     error = residual - (firing * shift) @ out.W_dec.detach()
                     loss = error.pow(2).sum(-1).mean()
@@ -103,8 +100,10 @@ class ShrinkageCorrection(Callback):
 
 @torch.no_grad()
 def apply_shift_(model: SparseAutoencoder, shift: Tensor) -> None:
-    """Turn the ReLU SAE into the JumpReLU f = (h + δ)·H(h): b_enc += δ, threshold θ = δ."""
-    encoder = JumpReLU(model.d_sae, initial_log_threshold=math.log(SMALLEST_THRESHOLD))
-    encoder.log_threshold.copy_(shift.clamp(min=SMALLEST_THRESHOLD).log())
+    """Turn the SAE into the JumpReLU f = (h + δ)·H(h − θ): b_enc += δ, threshold θ' = θ + δ (ReLU: θ = 0)."""
+    norms = model.decoder_norms()
+    threshold = (model.encoder.threshold(norms) + shift).clamp(min=SMALLEST_THRESHOLD)
+    encoder = model.encoder if isinstance(model.encoder, JumpReLU) else JumpReLU(model.d_sae).to(model.device)
+    encoder.set_threshold_(threshold, norms)
+    model.encoder = encoder
     model.b_enc.add_(shift)
-    model.encoder = encoder.to(model.device)

@@ -220,7 +220,8 @@ def load_export(directory: str | Path) -> SparseAutoencoder:
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(model, name).copy_(weights[name])
         if base == "jumprelu":
-            model.encoder.log_threshold.copy_(weights["threshold"].log())
+            assert isinstance(model.encoder, JumpReLU)
+            model.encoder.set_threshold_(weights["threshold"], model.decoder_norms())
     if rescaled:
         model.fold_decoder_norms_()
     return model.eval()

@@ -49,7 +49,7 @@ def test_the_shift_is_the_jumprelu_that_keeps_the_firing_pattern(encoder: Thresh
         corrected = model.encode(x)
     assert isinstance(model.encoder, JumpReLU)
     assert firing.any() and not firing.all()
-    torch.testing.assert_close(corrected, (pre_acts + shift) * firing, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(corrected, (pre_acts + shift) * firing, atol=1e-6, rtol=0)
 
 
 def relu_l1(d_in: int, input_scale: float) -> SparseAutoencoder:

@@ -80,9 +80,8 @@ class ShrinkageCorrection(Callback):
     ) -> tuple[Tensor, Tensor]:
         """Gain s > 0 and shift δ ≥ −θ [m] that minimise the reconstruction error at a fixed firing pattern."""
         lowest_shift = -model.encoder.threshold(model.decoder_norms()).detach()
-        log_gain = torch.zeros(model.d_sae, device=model.device, requires_grad=True)
-        shift = torch.zeros(model.d_sae, device=model.device, requires_grad=True)
-        optimizer = torch.optim.Adam([log_gain, shift], lr=self.lr)
+        correction = torch.zeros(2, model.d_sae, device=model.device, requires_grad=True)  # log s, δ: one all-reduce
+        optimizer = torch.optim.Adam([correction], lr=self.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / self.steps)
         done = 0
         while done < self.steps:
@@ -96,21 +95,22 @@ class ShrinkageCorrection(Callback):
                         out = model.forward_pass(x_batch, y_batch)
                         firing = (out.features != 0).to(out.reconstruction.dtype)
                         residual = out.target - out.reconstruction
+                    log_gain, shift = correction
                     gain = log_gain.exp()
                     change = (gain - 1) * out.features + gain * shift * firing  # f' − f
                     error = residual - change @ out.W_dec.detach()
                     loss = error.pow(2).sum(-1).mean()
                     optimizer.zero_grad(set_to_none=False)
                     loss.backward()
-                    for parameter in (log_gain, shift):
-                        assert parameter.grad is not None
-                        parameter.grad.copy_(trainer.strategy.reduce(parameter.grad, reduce_op="mean"))
+                    assert correction.grad is not None
+                    correction.grad.copy_(trainer.strategy.reduce(correction.grad, reduce_op="mean"))
                     optimizer.step()
                     schedule.step()
                     with torch.no_grad():
-                        torch.maximum(shift, lowest_shift, out=shift)
+                        correction[1].clamp_(min=lowest_shift)
                     done += 1
-        return log_gain.detach().exp(), shift.detach()
+        log_gain, shift = correction.detach()
+        return log_gain.exp(), shift
 
 
 @torch.no_grad()

@@ -72,6 +72,12 @@ class FiringCounter(nn.Module):
         return self.step_counts.sum() / max(1, self.step_rows)
 
     @torch.no_grad()
+    def declare_dead_(self, indices: Tensor) -> None:
+        """Count features ``indices`` as dead from now on (features just silenced), until they fire."""
+        self.rows_since_fired[indices] = self.rows_since_fired[indices].clamp(min=self.dead_after_tokens)
+        self._dead_count.forget()  # the known count may now be too low
+
+    @torch.no_grad()
     def revive_(self, indices: Tensor) -> None:
         """Restart the count of rows without firing of ``indices`` (features just resampled)."""
         self.rows_since_fired[indices] = 0

@@ -127,14 +127,23 @@ def test_two_ranks_prune_the_same_features(
         assert torch.equal(ranks[1]["weights"][name], value), name
 
 
-def test_a_resampling_after_the_pruning_is_warned_about(
+def test_a_resampling_after_the_pruning_repoints_the_pruned_features(
     toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer]
 ) -> None:
+    """Silenced features count as dead at once, so a resampling point one step later (far inside the
+    dead-feature window) hands them to badly reconstructed rows, and they fire again."""
     data = toy_data()
     model = duplicated_model(data)
-    callbacks = [DuplicatePruning(steps=[2], sample_rows=256), Resampling(steps=[4], sample_rows=256)]
-    with pytest.warns(UserWarning, match="revives the pruned features"):
-        callback_trainer(5, callbacks).fit(model, data)
+    after = Snapshot()
+    pruning = DuplicatePruning(steps=[PRUNE_STEP - 1], cosine=0.99, sample_rows=256)
+    callbacks = [pruning, Resampling(steps=[PRUNE_STEP], sample_rows=256), after]
+    callback_trainer(PRUNE_STEP + 1, callbacks).fit(model, data)
+    (revived,) = after.models  # just after the resampling
+    assert model.firing.dead_after_tokens > PRUNE_STEP * 64
+    assert revived.W_enc[:, 16:].abs().sum(0).min() > 0, "every pruned feature was re-pointed"
+    x = next(iter(data.val_dataloader()))[0]
+    with torch.no_grad():
+        assert (revived.encode(x)[:, 16:] > 0).any(0).all(), "and fires again"
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,16 @@ def test_counts_rows_since_firing_and_calls_features_dead_after_the_threshold() 
     assert counter.known_dead_count == -1  # unknown until the next update
 
 
+def test_declared_dead_features_are_dead_until_they_fire() -> None:
+    counter = FiringCounter(d_sae=3, dead_after_tokens=5)
+    counter.update(torch.tensor([[0.0, 1.0, 0.0]] * 2))  # rows since fired: 2, 0, 2
+    counter.declare_dead_(torch.tensor([0, 1]))
+    assert counter.dead_mask().tolist() == [True, True, False]
+    assert counter.known_dead_count == -1  # unknown until the next update
+    counter.update(torch.tensor([[0.0, 1.0, 0.0]]))
+    assert counter.dead_mask().tolist() == [True, False, False] and counter.known_dead_count == 1
+
+
 def test_only_the_counts_are_saved() -> None:
     counter = FiringCounter(d_sae=3, dead_after_tokens=2)
     counter.update(torch.tensor([[0.0, 1.0, 0.0]]))

@@ -233,18 +233,69 @@ def test_draws_favour_high_loss_rows(
     assert drawn.median() > typical
 
 
-def test_revived_features_start_at_the_firing_rate(
+def test_residual_revivals_point_at_the_errors_of_high_loss_rows(
     toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer]
 ) -> None:
-    """With ``firing_rate``, revived JumpReLU features fire on that share of fresh rows, though
-    their thresholds (kept) lie far above anything the data reaches."""
+    """With ``direction="residual"`` a revived feature points at what the SAE misses on its row: the
+    error y − ŷ of one of the sampled rows (an SAE's encoder column the same way), a high-loss one."""
+    data = toy_data()
+    model = silenced_model(data.input_scale)
+    with torch.no_grad():
+        model.b_dec.copy_(3 * torch.randn(model.d_in))  # reconstructs an offset the rows do not have
+    resampling = Resampling(steps=[5], sample_rows=2048, direction="residual")
+    trainer = callback_trainer(1, [resampling])
+    trainer.fit(model, data)
+    encoder_rows, decoder_rows = resampling.draw(trainer, model, 64)
+    assert torch.equal(encoder_rows, decoder_rows)
+    seed = resampling.seed * 1_000_003 + trainer.global_step
+    x = torch.cat([x for x, _ in data.sample_batches(2048, seed)])
+    with torch.no_grad():
+        out = model.forward_pass(x)
+        errors = out.target - out.reconstruction
+    exact = "donot_use_mm_for_euclid_dist"
+    distances = torch.cdist(decoder_rows, errors, compute_mode=exact)
+    assert distances.min(1).values.max() < 1e-4, "each drawn row is a sampled row's error"
+    assert torch.cdist(decoder_rows, out.input, compute_mode=exact).min() > 1, "not the row itself"
+    drawn_loss = errors[distances.argmin(1)].pow(2).sum(-1)
+    assert drawn_loss.median() > errors.pow(2).sum(-1).median()
+
+
+def test_residual_revivals_of_a_transcoder_encode_its_input(
+    transcoder_file: Path, callback_trainer: Callable[..., Trainer]
+) -> None:
+    """A transcoder's error lives in the output space: its revived encoder columns point at the
+    rows' inputs (what the encoder reads), the decoder rows at the errors."""
+    data = ActivationDataModule(str(transcoder_file), batch_size=BATCH, val_rows=256, buffer_rows=512)
+    model = SparseAutoencoder(d_in=12, d_sae=24, d_out=10, penalties=[L1(0.1)], input_scale=data.input_scale,
+                              target_scale=data.target_scale)
+    resampling = Resampling(steps=[5], sample_rows=512, direction="residual")
+    trainer = callback_trainer(1, [resampling])
+    trainer.fit(model, data)
+    encoder_rows, decoder_rows = resampling.draw(trainer, model, 16)
+    seed = resampling.seed * 1_000_003 + trainer.global_step
+    x, y = (torch.cat(parts) for parts in zip(*data.sample_batches(512, seed)))
+    with torch.no_grad():
+        out = model.forward_pass(x, y)
+    nearest = torch.cdist(encoder_rows, out.input, compute_mode="donot_use_mm_for_euclid_dist").min(1)
+    assert nearest.values.max() < 1e-4
+    torch.testing.assert_close(decoder_rows, (out.target - out.reconstruction)[nearest.indices])
+
+
+@pytest.mark.parametrize("firing_rate", [0.1, "target"])
+def test_revived_features_start_at_the_firing_rate(
+    toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer], firing_rate: float | str
+) -> None:
+    """With ``firing_rate`` (0.1, or "target": target_l0 3.2 over 32 features), revived JumpReLU
+    features fire on that share of fresh rows, though their thresholds (kept) lie far above anything
+    the data reaches."""
     data = toy_data()
     model = SparseAutoencoder(d_in=16, d_sae=32, encoder=lambda d_sae: JumpReLU(d_sae, initial_log_threshold=-1.0),
-                              input_scale=data.input_scale, dead_after_tokens=2 * BATCH)
+                              input_scale=data.input_scale, dead_after_tokens=2 * BATCH, penalties=[L1(1e-6)],
+                              target_l0=3.2 if firing_rate == "target" else None)
     with torch.no_grad():
         model.encoder.log_threshold[:SILENCED] = 5.0  # θ = 148: dead
     after = CopyAt()
-    resampling = Resampling(steps=[RESAMPLE_STEP], sample_rows=1024, firing_rate=0.1, calibration_rows=4096)
+    resampling = Resampling(steps=[RESAMPLE_STEP], sample_rows=1024, firing_rate=firing_rate, calibration_rows=4096)
     callback_trainer(RESAMPLE_STEP + 1, [resampling, after]).fit(model, data)
     x = torch.cat([x for x, _ in data.sample_batches(4096, seed=7)])
     with torch.no_grad():
@@ -253,10 +304,22 @@ def test_revived_features_start_at_the_firing_rate(
     assert ((rates > 0.06) & (rates < 0.14)).all(), rates
 
 
+def test_a_target_rate_needs_a_target_l0(
+    toy_data: Callable[..., ActivationDataModule], callback_trainer: Callable[..., Trainer]
+) -> None:
+    data = toy_data()
+    with pytest.raises(UserError, match="needs model.target_l0"):
+        callback_trainer(2, [Resampling(steps=[1], firing_rate="target")]).fit(silenced_model(data.input_scale), data)
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(UserError, match="positive"):
         Resampling(steps=[0])
     with pytest.raises(UserError, match="firing_rate"):
         Resampling(steps=[1], firing_rate=1.0)
+    with pytest.raises(UserError, match="firing_rate"):
+        Resampling(steps=[1], firing_rate="often")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="direction"):
+        Resampling(steps=[1], direction="error")  # type: ignore[arg-type]
     with pytest.raises(UserError, match="cannot resolve a firing_rate"):
         Resampling(steps=[1], firing_rate=1e-6, calibration_rows=1000)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning import Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_sae.callbacks.resampling import Resampling
 from lightning_sae.callbacks.scheduled import ScheduledIntervention
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.errors import UserError
@@ -36,11 +35,15 @@ class DuplicatePruning(ScheduledIntervention):
     With a_i = E[f_i]·‖W_d,i‖, feature i's mean contribution to the reconstruction over
     ``sample_rows`` training rows (all ranks together), feature i is a duplicate when some feature j
     with a_j > a_i (on a tie, j < i) has cos(W_d,i, W_d,j) > ``cosine``. Every duplicate that fires
-    (a_i > 0) is silenced (:meth:`SparseAutoencoder.silence_features_`): it never fires again, and
+    (a_i > 0) is silenced (:meth:`SparseAutoencoder.silence_features_`): it does not fire again
+    (unless a penalty on features that do not fire, such as the pre-act loss, pulls it back), and
     the training after the pruning hands its share to the feature it repeated. Silenced features
-    count as dead, so a :class:`~lightning_sae.callbacks.resampling.Resampling` point after a
-    pruning point revives them (a warning says so): prune after the last resampling. Every rank
-    takes the same decision.
+    count as dead at once, so a :class:`~lightning_sae.callbacks.resampling.Resampling` point after
+    a pruning point re-points them at badly reconstructed rows: to keep them silent, prune after the
+    last resampling; to hand duplicates to what the SAE misses, resample after pruning (with
+    ``direction="residual"``: anthropic-jan2025, where a quarter of the features were duplicates of
+    frequent true features while a tenth of the true features had no feature, docs/benchmarks.md,
+    stop 42). Every rank takes the same decision.
     """
 
     def __init__(
@@ -67,18 +70,6 @@ class DuplicatePruning(ScheduledIntervention):
         self.cosine = cosine
         self.sample_rows = sample_rows
         self.seed = seed
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Fix the steps, and warn when a resampling point comes after a pruning point."""
-        super().on_fit_start(trainer, pl_module)
-        total = trainer.estimated_stepping_batches
-        resamplings = [callback for callback in trainer.callbacks if isinstance(callback, Resampling)]
-        resampled = [step for callback in resamplings for step in callback.scheduled_steps(total)]
-        if self._steps and resampled and max(resampled) > min(self._steps):
-            rank_zero_warn(
-                f"DuplicatePruning at step {min(self._steps)} comes before Resampling at step {max(resampled)}, "
-                "which revives the pruned features as dead ones: prune after the last resampling"
-            )
 
     def intervene(self, trainer: Trainer, model: SparseAutoencoder) -> Tensor:
         return self.prune(trainer, model)

@@ -174,6 +174,12 @@ class SparseAutoencoder(LightningModule):
         """The penalty whose coefficient ``target_l0`` controls (None without a target)."""
         return None if self._controlled is None else self.penalties[self._controlled]
 
+    def target_l0(self, needed_by: str) -> float:
+        """The L0 the controller holds the sparsity penalty at; one clear error for ``needed_by`` without one."""
+        if self.l0_controller is None:
+            raise UserError(f"{needed_by} needs model.target_l0")
+        return self.l0_controller.target
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Seed 000's initialisation.

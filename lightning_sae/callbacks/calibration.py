@@ -55,9 +55,7 @@ class EncoderBiasCalibration(DataInitialisation):
         """r = min(max_rate, features_per_row / m)."""
         per_row = self.features_per_row
         if per_row is None:
-            if model.l0_controller is None:
-                raise UserError("EncoderBiasCalibration features_per_row is null, so it needs model.target_l0")
-            per_row = model.l0_controller.target
+            per_row = model.target_l0("EncoderBiasCalibration with features_per_row null")
         return min(self.max_rate, per_row / model.d_sae)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -109,9 +109,7 @@ class Resampling(ScheduledIntervention):
         """The firing rate revived features are calibrated to (None: not calibrated)."""
         if self.firing_rate != "target":
             return self.firing_rate
-        if model.l0_controller is None:
-            raise UserError("Resampling firing_rate 'target' needs model.target_l0")
-        return model.l0_controller.target / model.d_sae
+        return model.target_l0("Resampling with firing_rate 'target'") / model.d_sae
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Check, on every rank and before training, that the revived features' firing rate is defined."""

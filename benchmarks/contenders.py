@@ -11,8 +11,9 @@ scorer (and ``lightning_sae evaluate``) treats all alike:
 - the plain PyTorch TopK loop of ``plain_topk.py``;
 - SAELens' own ``SAETrainer`` with its TopK SAE, or its JumpReLU SAE in the quadratic-L0 mode
   (target_l0 = the asked L0), when ``sae_lens`` is importable (the ``[compat]`` extra); its
-  activation normalisation is on (the scaling our recipes use) and its learning rate is Gao et
-  al.'s rule, 2e-4·(2^14/m)^½, unless given; read back from its ``save_inference_model`` files.
+  activation normalisation is on (the scaling our recipes use), its learning rate is the plain
+  loop's, and its dead window is topk.yaml's (so that its TopK's AuxK acts in a short run, as ours
+  does); read back from its ``save_inference_model`` files.
 
 All of them train on :data:`DEVICE`, where ``fit``'s ``accelerator: auto`` puts the recipes.
 """
@@ -42,6 +43,7 @@ from lightning_sae.recipes import sparsity_arguments
 PLAIN_TOPK = "plain TopK"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 """Where the plain loop and SAELens train: the GPU when there is one, as Lightning's ``auto`` picks."""
+TOPK_CONFIG = Path(__file__).parents[1] / "configs" / "topk.yaml"
 
 
 @dataclass
@@ -129,6 +131,16 @@ def fit_plain_topk(
     return Trained(PLAIN_TOPK, model.eval(), seconds, steps * batch_size)
 
 
+def saelens_dead_window(batch_size: int) -> int:
+    """SAELens' ``dead_feature_window`` (in steps) for topk.yaml's ``dead_after_tokens`` (in rows).
+
+    SAELens' default, 1,000 steps, never elapses in a 1,000-step run, so its TopK's AuxK (which trains
+    only the features dead under that window) would never act where ours does.
+    """
+    dead_after_rows = yaml.safe_load(TOPK_CONFIG.read_text())["model"]["dead_after_tokens"]
+    return max(1, dead_after_rows // batch_size)
+
+
 def saelens_available() -> bool:
     """Whether SAELens (the ``[compat]`` extra) is importable."""
     return importlib.util.find_spec("sae_lens") is not None
@@ -141,11 +153,11 @@ def fit_saelens(
     l0: float,
     train_rows: int,
     val_rows: int,
+    lr: float,
     batch_size: int = 4096,
-    lr: float | None = None,
 ) -> Trained:
     """SAELens' trainer with its ``topk`` SAE (k = ``l0``) or ``jumprelu`` SAE (quadratic L0 loss, target
-    ``l0``), at ``lr`` (default: Gao et al.'s rule)."""
+    ``l0``), at ``lr``."""
     from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -165,8 +177,8 @@ def fit_saelens(
         config = JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **common)
         sae = JumpReLUTrainingSAE(config)
     steps = max(1, train_rows // batch_size)
-    lr = lr or 2e-4 * (2**14 / d_sae) ** 0.5
     config = SAETrainerConfig(
+        dead_feature_window=saelens_dead_window(batch_size),
         total_training_samples=steps * batch_size,
         train_batch_size_samples=batch_size,
         lr=lr,

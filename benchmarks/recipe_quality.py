@@ -16,7 +16,7 @@ the same run and on the same rows (the same shuffled training stream, the same h
   reference the targets are relative to;
 - ``SAELens TopK`` and ``SAELens JumpReLU`` (its quadratic-L0 mode with target_l0 = true L0),
   trained by SAELens' own ``SAETrainer`` when ``sae_lens`` is importable (the ``[compat]``
-  extra), with its activation normalisation on and the learning rate of Gao et al.'s rule.
+  extra), with its activation normalisation on and the plain loop's learning rate.
 
 Scores, on the held-out rows: MMCS (mean over true features of the best cosine with a decoder
 row), the share of true features recovered at cosine > 0.9, FVU (residual sum of squares over
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 VAL_ROWS = 16_384
 PLAIN_LR = 2e-3
-"""Learning rate of the plain loop (raw activations), the one that recovers the toy's features."""
+"""Learning rate of the plain loop (raw activations), the one that recovers the toy's features, and of SAELens."""
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,7 @@ def main() -> None:
         }
         if saelens_available() and not args.no_saelens:
             contenders |= {
-                f"SAELens {arch}": lambda arch=arch, budget=budget: fit_saelens(arch, *budget)
+                f"SAELens {arch}": lambda arch=arch, budget=budget: fit_saelens(arch, *budget, lr=PLAIN_LR)
                 for arch in ("topk", "jumprelu")
             }
         for method, train in contenders.items():

@@ -155,7 +155,8 @@ def main() -> None:
         with written_atomically(args.results) as temporary:
             temporary.write_text(json.dumps(results, indent=1))
     command = f".venv/bin/python benchmarks/recipe_real_text.py {' '.join(sys.argv[1:])}".strip()
-    args.out.write_text(report(results, args, command))
+    with written_atomically(args.out) as temporary:
+        temporary.write_text(report(results, args, command))
     print(f"report: {args.out}")
 
 

@@ -43,7 +43,9 @@ from lightning_sae.recipes import sparsity_arguments
 PLAIN_TOPK = "plain TopK"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 """Where the plain loop and SAELens train: the GPU when there is one, as Lightning's ``auto`` picks."""
-TOPK_CONFIG = Path(__file__).parents[1] / "configs" / "topk.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TOPK_CONFIG = CONFIGS / "topk.yaml"
+RECIPES_HELP = "config names (default: every shipped recipe, configs/*.yaml but quickstart; none given: none)"
 
 
 @dataclass
@@ -59,6 +61,13 @@ class Trained:
     """A recipe's penalty coefficients in force at the end (``train/<penalty>_coefficient``)."""
     train_l0: float | None = None
     """A recipe's L0 on its last logged training batch (``train/l0``)."""
+
+
+def recipe_configs(names: list[str] | None) -> list[Path]:
+    """``configs/NAME.yaml`` of each name, or every shipped recipe (all configs but the quickstart) for None."""
+    if names is None:
+        return [path for path in sorted(CONFIGS.glob("*.yaml")) if path.stem != "quickstart"]
+    return [CONFIGS / f"{name}.yaml" for name in names]
 
 
 def training_batches(path: Path, batch_size: int, val_rows: int) -> Iterator[Tensor]:

@@ -37,7 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from contenders import PLAIN_TOPK, Trained, fit_plain_topk, fit_recipe, fit_saelens, saelens_available
+from contenders import (
+    PLAIN_TOPK,
+    RECIPES_HELP,
+    Trained,
+    fit_plain_topk,
+    fit_recipe,
+    fit_saelens,
+    recipe_configs,
+    saelens_available,
+)
 from machine import hardware, load_average
 from torch import Tensor
 
@@ -47,7 +56,6 @@ from lightning_sae.data.synth import synth
 from lightning_sae.files import written_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
 VAL_ROWS = 16_384
 PLAIN_LR = 2e-3
 """Learning rate of the plain loop (raw activations), the one that recovers the toy's features, and of SAELens."""
@@ -227,7 +235,7 @@ def report(results: dict[str, dict[str, Any]], sets: dict[str, SyntheticSet]) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="*", help=f"sets to run (default all: {', '.join(SETS)})")
-    parser.add_argument("--recipes", nargs="*", help="config names (default: every configs/*.yaml but quickstart)")
+    parser.add_argument("--recipes", nargs="*", help=RECIPES_HELP)
     parser.add_argument("--quick", action="store_true", help="one small set: a smoke test of the benchmark")
     parser.add_argument("--no-saelens", action="store_true", help="skip SAELens even when it is installed")
     parser.add_argument("--resume", action="store_true", help="skip the methods whose result is stored already")
@@ -239,8 +247,7 @@ def main() -> None:
     args = parser.parse_args()
     sets = QUICK if args.quick else SETS
     chosen = {name: sets[name] for name in (args.sets or sets)}
-    recipes = [path for path in sorted(CONFIGS.glob("*.yaml")) if path.stem != "quickstart"]
-    configs = [CONFIGS / f"{name}.yaml" for name in args.recipes] if args.recipes else recipes
+    configs = recipe_configs(args.recipes)
     default_store = args.data_dir / "recipe_quality_quick.json" if args.quick else ROOT / "docs" / "recipe_quality.json"
     store = args.results or default_store
     out = args.out or (args.data_dir / "recipe_quality_quick.md" if args.quick else ROOT / "docs" / "recipe_quality.md")

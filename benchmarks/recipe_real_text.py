@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from contenders import PLAIN_TOPK, Trained, fit_plain_topk, fit_recipe, fit_saelens, saelens_available
+from contenders import (
+    PLAIN_TOPK,
+    RECIPES_HELP,
+    Trained,
+    fit_plain_topk,
+    fit_recipe,
+    fit_saelens,
+    recipe_configs,
+    saelens_available,
+)
 from machine import machine
 
 from lightning_sae.data.format import ACTIVATIONS, open_for_reading, read_info
@@ -120,7 +129,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_536_000, help="training rows of every SAE")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the plain loop and SAELens")
-    parser.add_argument("--recipes", nargs="*", help="config names (default: every configs/*.yaml but quickstart)")
+    parser.add_argument("--recipes", nargs="*", help=RECIPES_HELP)
     parser.add_argument("--no-saelens", action="store_true")
     parser.add_argument("--no-plain", action="store_true", help="keep the plain loop's stored result")
     parser.add_argument("--results", type=Path, default=ROOT / "data" / "bench" / "recipe_real_text.json")
@@ -128,16 +137,14 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.exists():
         raise SystemExit(f"{args.data} not found: run `make smollm2-data` first")
-    shipped = sorted((ROOT / "configs").glob("*.yaml"))
-    names = args.recipes or [path.stem for path in shipped if path.stem != "quickstart"]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = json.loads(args.results.read_text()) if args.results.exists() else {}
     results["_machine"] = {"machine": machine()}
     common = {"path": args.data, "d_sae": args.d_sae, "l0": args.l0, "train_rows": args.rows, "val_rows": VAL_ROWS}
     contenders = [] if args.no_plain else [lambda: fit_plain_topk(**common, lr=args.lr, batch_size=args.batch_size)]
     contenders += [
-        lambda name=name: fit_recipe(ROOT / "configs" / f"{name}.yaml", **common, batch_size=args.batch_size)
-        for name in names
+        lambda config=config: fit_recipe(config, **common, batch_size=args.batch_size)
+        for config in recipe_configs(args.recipes)
     ]
     if saelens_available() and not args.no_saelens:
         contenders += [

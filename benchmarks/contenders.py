@@ -20,6 +20,7 @@ All of them train on :data:`DEVICE`, where ``fit``'s ``accelerator: auto`` puts 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import tempfile
 import time
@@ -45,7 +46,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 """Where the plain loop and SAELens train: the GPU when there is one, as Lightning's ``auto`` picks."""
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOPK_CONFIG = CONFIGS / "topk.yaml"
-RECIPES_HELP = "config names (default: every shipped recipe, configs/*.yaml but quickstart; none given: none)"
 
 
 @dataclass
@@ -63,11 +63,35 @@ class Trained:
     """A recipe's L0 on its last logged training batch (``train/l0``)."""
 
 
-def recipe_configs(names: list[str] | None) -> list[Path]:
-    """``configs/NAME.yaml`` of each name, or every shipped recipe (all configs but the quickstart) for None."""
-    if names is None:
-        return [path for path in sorted(CONFIGS.glob("*.yaml")) if path.stem != "quickstart"]
-    return [CONFIGS / f"{name}.yaml" for name in names]
+def recipe_config(name: str) -> Path:
+    """``configs/NAME.yaml`` for a shipped recipe's name, else ``name`` as the path of a YAML file (a copy
+    with one value changed, say); an ``argparse`` type, so a missing file is one usage line, exit 2."""
+    path = CONFIGS / f"{name}.yaml" if "/" not in name and not name.endswith(".yaml") else Path(name)
+    if not path.is_file():
+        shipped = ", ".join(config.stem for config in shipped_recipes())
+        raise argparse.ArgumentTypeError(f"no config {path}: give a shipped recipe ({shipped}) or a YAML file")
+    return path
+
+
+def shipped_recipes() -> list[Path]:
+    """Every shipped recipe: the configs but the quickstart."""
+    return [path for path in sorted(CONFIGS.glob("*.yaml")) if path.stem != "quickstart"]
+
+
+def add_recipes_argument(parser: argparse.ArgumentParser) -> None:
+    """``--recipes``: shipped names or YAML paths; absent, every shipped recipe; given without names, none."""
+    parser.add_argument(
+        "--recipes",
+        nargs="*",
+        type=recipe_config,
+        help="shipped recipe names or YAML files (default: every shipped recipe, configs/*.yaml but "
+        "quickstart; the option without names: none)",
+    )
+
+
+def chosen_recipes(recipes: list[Path] | None) -> list[Path]:
+    """The configs ``--recipes`` asked for: :func:`shipped_recipes` when it was absent."""
+    return shipped_recipes() if recipes is None else recipes
 
 
 def training_batches(path: Path, batch_size: int, val_rows: int) -> Iterator[Tensor]:

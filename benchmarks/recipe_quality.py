@@ -39,12 +39,12 @@ from typing import Any
 import torch
 from contenders import (
     PLAIN_TOPK,
-    RECIPES_HELP,
     Trained,
+    add_recipes_argument,
+    chosen_recipes,
     fit_plain_topk,
     fit_recipe,
     fit_saelens,
-    recipe_configs,
     saelens_available,
 )
 from machine import hardware, load_average
@@ -235,7 +235,7 @@ def report(results: dict[str, dict[str, Any]], sets: dict[str, SyntheticSet]) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="*", help=f"sets to run (default all: {', '.join(SETS)})")
-    parser.add_argument("--recipes", nargs="*", help=RECIPES_HELP)
+    add_recipes_argument(parser)
     parser.add_argument("--quick", action="store_true", help="one small set: a smoke test of the benchmark")
     parser.add_argument("--no-saelens", action="store_true", help="skip SAELens even when it is installed")
     parser.add_argument("--resume", action="store_true", help="skip the methods whose result is stored already")
@@ -247,7 +247,7 @@ def main() -> None:
     args = parser.parse_args()
     sets = QUICK if args.quick else SETS
     chosen = {name: sets[name] for name in (args.sets or sets)}
-    configs = recipe_configs(args.recipes)
+    configs = chosen_recipes(args.recipes)
     default_store = args.data_dir / "recipe_quality_quick.json" if args.quick else ROOT / "docs" / "recipe_quality.json"
     store = args.results or default_store
     out = args.out or (args.data_dir / "recipe_quality_quick.md" if args.quick else ROOT / "docs" / "recipe_quality.md")

@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from contenders import (
     PLAIN_TOPK,
-    RECIPES_HELP,
     Trained,
+    add_recipes_argument,
+    chosen_recipes,
     fit_plain_topk,
     fit_recipe,
     fit_saelens,
-    recipe_configs,
     saelens_available,
 )
 from machine import machine
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_536_000, help="training rows of every SAE")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the plain loop and SAELens")
-    parser.add_argument("--recipes", nargs="*", help=RECIPES_HELP)
+    add_recipes_argument(parser)
     parser.add_argument("--no-saelens", action="store_true")
     parser.add_argument("--no-plain", action="store_true", help="keep the plain loop's stored result")
     parser.add_argument("--results", type=Path, default=ROOT / "data" / "bench" / "recipe_real_text.json")
@@ -144,7 +144,7 @@ def main() -> None:
     contenders = [] if args.no_plain else [lambda: fit_plain_topk(**common, lr=args.lr, batch_size=args.batch_size)]
     contenders += [
         lambda config=config: fit_recipe(config, **common, batch_size=args.batch_size)
-        for config in recipe_configs(args.recipes)
+        for config in chosen_recipes(args.recipes)
     ]
     if saelens_available() and not args.no_saelens:
         contenders += [

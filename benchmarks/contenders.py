@@ -94,6 +94,22 @@ def chosen_recipes(recipes: list[Path] | None) -> list[Path]:
     return shipped_recipes() if recipes is None else recipes
 
 
+def seeded_name(method: str, seed: int) -> str:
+    """A contender's name in the reports: ``method`` at the default seed 0, ``method (seed N)`` otherwise."""
+    return method if seed == 0 else f"{method} (seed {seed})"
+
+
+def add_seed_argument(parser: argparse.ArgumentParser) -> None:
+    """``--seed``: the initialisation seed of every contender (the data and its order stay the same)."""
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="initialisation seed of every method (recipes' seed_everything, the plain loop, SAELens); the "
+        "rows and their order do not change; results of a seed other than 0 are stored as 'METHOD (seed N)'",
+    )
+
+
 def training_batches(path: Path, batch_size: int, val_rows: int) -> Iterator[Tensor]:
     """The shuffled training stream of ``lightning_sae fit`` on ``path``, epoch after epoch, as float32
     on :data:`DEVICE`."""
@@ -108,10 +124,17 @@ def training_batches(path: Path, batch_size: int, val_rows: int) -> Iterator[Ten
 
 
 def fit_recipe(
-    config: Path, path: Path, d_sae: int, l0: float, train_rows: int, val_rows: int, batch_size: int | None = None
+    config: Path,
+    path: Path,
+    d_sae: int,
+    l0: float,
+    train_rows: int,
+    val_rows: int,
+    batch_size: int | None = None,
+    seed: int = 0,
 ) -> Trained:
     """``lightning_sae fit`` of ``config`` at its defaults, sparsity ``l0``, for ``train_rows`` rows
-    (in batches of the config's size, or of ``batch_size``)."""
+    (in batches of the config's size, or of ``batch_size``), initialised from ``seed_everything: seed``."""
     batch_size = batch_size or yaml.safe_load(config.read_text())["data"]["batch_size"]
     steps = max(1, train_rows // batch_size)
     with tempfile.TemporaryDirectory() as logs:
@@ -122,7 +145,7 @@ def fit_recipe(
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.enable_checkpointing", "false", "--trainer.logger.init_args.save_dir", logs,
             "--trainer.logger.init_args.name", "run", "--trainer.logger.init_args.version", "0",
-            *sparsity_arguments(config, l0),
+            "--seed_everything", str(seed), *sparsity_arguments(config, l0),
         ]
         start = time.perf_counter()
         lightning_sae(args)
@@ -135,7 +158,8 @@ def fit_recipe(
         for tag, value in last.items()
         if tag.endswith("_coefficient")
     }
-    return Trained(config.stem, model, seconds, steps * batch_size, coefficients, last.get("train/l0"))
+    name = seeded_name(config.stem, seed)
+    return Trained(name, model, seconds, steps * batch_size, coefficients, last.get("train/l0"))
 
 
 def last_logged(run: Path) -> dict[str, float]:
@@ -148,20 +172,29 @@ def last_logged(run: Path) -> dict[str, float]:
 
 
 def fit_plain_topk(
-    path: Path, d_sae: int, l0: float, train_rows: int, val_rows: int, lr: float, batch_size: int = 4096
+    path: Path,
+    d_sae: int,
+    l0: float,
+    train_rows: int,
+    val_rows: int,
+    lr: float,
+    batch_size: int = 4096,
+    seed: int = 0,
 ) -> Trained:
-    """The plain loop with k = ``l0`` rounded, as a SparseAutoencoder (TopK encoder, x − b_dec encoded)."""
+    """The plain loop with k = ``l0`` rounded, initialised from ``seed``, as a SparseAutoencoder (TopK
+    encoder, x − b_dec encoded)."""
     steps = max(1, train_rows // batch_size)
     k = max(1, round(l0))
     start = time.perf_counter()
-    plain = train_plain_topk(training_batches(path, batch_size, val_rows), d_sae, k=k, steps=steps, lr=lr)
+    batches = training_batches(path, batch_size, val_rows)
+    plain = train_plain_topk(batches, d_sae, k=k, steps=steps, lr=lr, seed=seed)
     seconds = time.perf_counter() - start
     d_in = plain.W_enc.shape[0]
     model = SparseAutoencoder(d_in=d_in, d_sae=d_sae, encoder=lambda m: TopK(m, k=k), center_input=True)
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(model, name).copy_(getattr(plain, name))
-    return Trained(PLAIN_TOPK, model.eval(), seconds, steps * batch_size)
+    return Trained(seeded_name(PLAIN_TOPK, seed), model.eval(), seconds, steps * batch_size)
 
 
 def saelens_dead_window(batch_size: int) -> int:
@@ -188,9 +221,10 @@ def fit_saelens(
     val_rows: int,
     lr: float,
     batch_size: int = 4096,
+    seed: int = 0,
 ) -> Trained:
     """SAELens' trainer with its ``topk`` SAE (k = ``l0``) or ``jumprelu`` SAE (quadratic L0 loss, target
-    ``l0``), at ``lr``."""
+    ``l0``), at ``lr``, initialised after ``torch.manual_seed(seed)``."""
     from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -204,6 +238,7 @@ def fit_saelens(
         "device": DEVICE,
     }
     sae: Any
+    torch.manual_seed(seed)
     if architecture == "topk":
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=max(1, round(l0)), **common))
     else:
@@ -225,4 +260,4 @@ def fit_saelens(
     with tempfile.TemporaryDirectory() as directory:
         sae.save_inference_model(directory)
         model = load_export(directory)
-    return Trained(f"SAELens {architecture}", model, seconds, steps * batch_size)
+    return Trained(seeded_name(f"SAELens {architecture}", seed), model, seconds, steps * batch_size)

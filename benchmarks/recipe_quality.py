@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/recipe_quality.py                    # every set, every recipe
     .venv/bin/python benchmarks/recipe_quality.py --sets toy-offset --recipes topk relu-l1
+    .venv/bin/python benchmarks/recipe_quality.py --sets wide-sparse --recipes /tmp/my-topk.yaml --seed 1 --resume
 
 For each synthetic superposition set below (written once by ``lightning_sae synth`` into
 ``--data-dir``), every recipe config in ``configs/`` (all but the quickstart, a small TopK) is
@@ -24,7 +25,9 @@ total variance), L0, and the share of features that fire on no held-out row. Tar
 MMCS ≥ 0.95, recovered ≥ 90%, FVU ≤ 1.2× the plain loop's. Results accumulate in
 ``--results`` (JSON in docs/, one entry per set and method with the machine it ran on, so the sets
 can be run separately, in several sessions, with ``--resume``) and the Markdown report of every
-stored result is written to ``--out``.
+stored result is written to ``--out``. One run is one initialisation: ``--seed N`` trains every
+method from another one on the same rows, stored as ``METHOD (seed N)``, to tell a difference from
+the spread between seeds.
 """
 
 from __future__ import annotations
@@ -41,11 +44,13 @@ from contenders import (
     PLAIN_TOPK,
     Trained,
     add_recipes_argument,
+    add_seed_argument,
     chosen_recipes,
     fit_plain_topk,
     fit_recipe,
     fit_saelens,
     saelens_available,
+    seeded_name,
 )
 from machine import hardware, load_average
 from torch import Tensor
@@ -236,6 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="*", help=f"sets to run (default all: {', '.join(SETS)})")
     add_recipes_argument(parser)
+    add_seed_argument(parser)
     parser.add_argument("--quick", action="store_true", help="one small set: a smoke test of the benchmark")
     parser.add_argument("--no-saelens", action="store_true", help="skip SAELens even when it is installed")
     parser.add_argument("--resume", action="store_true", help="skip the methods whose result is stored already")
@@ -257,17 +263,19 @@ def main() -> None:
     for data in chosen.values():
         path = data.write(args.data_dir)
         budget = (path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS)
-        contenders = {PLAIN_TOPK: lambda budget=budget: fit_plain_topk(*budget, lr=PLAIN_LR)}
+        seed = args.seed
+        contenders = {PLAIN_TOPK: lambda budget=budget: fit_plain_topk(*budget, lr=PLAIN_LR, seed=seed)}
         contenders |= {
-            config.stem: lambda config=config, budget=budget: fit_recipe(config, *budget) for config in configs
+            config.stem: lambda config=config, budget=budget: fit_recipe(config, *budget, seed=seed)
+            for config in configs
         }
         if saelens_available() and not args.no_saelens:
             contenders |= {
-                f"SAELens {arch}": lambda arch=arch, budget=budget: fit_saelens(arch, *budget, lr=PLAIN_LR)
+                f"SAELens {arch}": lambda arch=arch, budget=budget: fit_saelens(arch, *budget, lr=PLAIN_LR, seed=seed)
                 for arch in ("topk", "jumprelu")
             }
         for method, train in contenders.items():
-            if args.resume and f"{data.name}/{method}" in results:
+            if args.resume and f"{data.name}/{seeded_name(method, seed)}" in results:
                 continue
             load = load_average()
             result = score(train(), path)

@@ -48,6 +48,37 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOPK_CONFIG = CONFIGS / "topk.yaml"
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What every contender gets: ``train_rows`` rows of the training stream of ``path`` (its last
+    ``val_rows`` held out), ``d_sae`` features at sparsity ``l0``, an initialisation from ``seed``."""
+
+    path: Path
+    d_sae: int
+    l0: float
+    train_rows: int
+    val_rows: int
+    batch_size: int | None = None
+    """Rows per step; None: a recipe's own (``data.batch_size`` of its config), 4,096 for the others."""
+    seed: int = 0
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """The training stream in batches of ``batch_size``."""
+        return training_batches(self.path, batch_size, self.val_rows)
+
+    def steps(self, batch_size: int) -> int:
+        """Steps of ``batch_size`` rows that the budget allows (at least one)."""
+        return max(1, self.train_rows // batch_size)
+
+    def name(self, method: str) -> str:
+        """A contender's name in the reports: ``method`` at the default seed 0, ``method (seed N)`` otherwise."""
+        return method if self.seed == 0 else f"{method} (seed {self.seed})"
+
+
+DEFAULT_BATCH_SIZE = 4096
+"""Rows per step of the plain loop and SAELens when the budget does not set it."""
+
+
 @dataclass
 class Trained:
     """One contender after training."""
@@ -94,11 +125,6 @@ def chosen_recipes(recipes: list[Path] | None) -> list[Path]:
     return shipped_recipes() if recipes is None else recipes
 
 
-def seeded_name(method: str, seed: int) -> str:
-    """A contender's name in the reports: ``method`` at the default seed 0, ``method (seed N)`` otherwise."""
-    return method if seed == 0 else f"{method} (seed {seed})"
-
-
 def add_seed_argument(parser: argparse.ArgumentParser) -> None:
     """``--seed``: the initialisation seed of every contender (the data and its order stay the same)."""
     parser.add_argument(
@@ -123,29 +149,21 @@ def training_batches(path: Path, batch_size: int, val_rows: int) -> Iterator[Ten
         epoch += 1
 
 
-def fit_recipe(
-    config: Path,
-    path: Path,
-    d_sae: int,
-    l0: float,
-    train_rows: int,
-    val_rows: int,
-    batch_size: int | None = None,
-    seed: int = 0,
-) -> Trained:
-    """``lightning_sae fit`` of ``config`` at its defaults, sparsity ``l0``, for ``train_rows`` rows
-    (in batches of the config's size, or of ``batch_size``), initialised from ``seed_everything: seed``."""
-    batch_size = batch_size or yaml.safe_load(config.read_text())["data"]["batch_size"]
-    steps = max(1, train_rows // batch_size)
+def fit_recipe(config: Path, budget: Budget) -> Trained:
+    """``lightning_sae fit`` of ``config`` at its defaults, with only its sparsity set to the budget's L0
+    and ``seed_everything`` to its seed (in batches of the config's size unless the budget sets one)."""
+    batch_size = budget.batch_size or yaml.safe_load(config.read_text())["data"]["batch_size"]
+    steps = budget.steps(batch_size)
     with tempfile.TemporaryDirectory() as logs:
         args = [
-            "fit", "--config", str(config), "--data.path", str(path), "--data.val_rows", str(val_rows),
-            "--data.batch_size", str(batch_size), "--model.d_sae", str(d_sae), "--trainer.max_steps", str(steps),
+            "fit", "--config", str(config), "--data.path", str(budget.path), "--data.val_rows", str(budget.val_rows),
+            "--data.batch_size", str(batch_size), "--model.d_sae", str(budget.d_sae),
+            "--trainer.max_steps", str(steps),
             "--trainer.val_check_interval", str(steps),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.enable_checkpointing", "false", "--trainer.logger.init_args.save_dir", logs,
             "--trainer.logger.init_args.name", "run", "--trainer.logger.init_args.version", "0",
-            "--seed_everything", str(seed), *sparsity_arguments(config, l0),
+            "--seed_everything", str(budget.seed), *sparsity_arguments(config, budget.l0),
         ]
         start = time.perf_counter()
         lightning_sae(args)
@@ -158,8 +176,7 @@ def fit_recipe(
         for tag, value in last.items()
         if tag.endswith("_coefficient")
     }
-    name = seeded_name(config.stem, seed)
-    return Trained(name, model, seconds, steps * batch_size, coefficients, last.get("train/l0"))
+    return Trained(budget.name(config.stem), model, seconds, steps * batch_size, coefficients, last.get("train/l0"))
 
 
 def last_logged(run: Path) -> dict[str, float]:
@@ -171,30 +188,21 @@ def last_logged(run: Path) -> dict[str, float]:
     return {tag: events.Scalars(tag)[-1].value for tag in tags}
 
 
-def fit_plain_topk(
-    path: Path,
-    d_sae: int,
-    l0: float,
-    train_rows: int,
-    val_rows: int,
-    lr: float,
-    batch_size: int = 4096,
-    seed: int = 0,
-) -> Trained:
-    """The plain loop with k = ``l0`` rounded, initialised from ``seed``, as a SparseAutoencoder (TopK
-    encoder, x − b_dec encoded)."""
-    steps = max(1, train_rows // batch_size)
-    k = max(1, round(l0))
+def fit_plain_topk(budget: Budget, lr: float) -> Trained:
+    """The plain loop at ``lr`` with k = the budget's L0 rounded, as a SparseAutoencoder (TopK encoder,
+    x − b_dec encoded)."""
+    batch_size = budget.batch_size or DEFAULT_BATCH_SIZE
+    steps = budget.steps(batch_size)
+    k = max(1, round(budget.l0))
     start = time.perf_counter()
-    batches = training_batches(path, batch_size, val_rows)
-    plain = train_plain_topk(batches, d_sae, k=k, steps=steps, lr=lr, seed=seed)
+    plain = train_plain_topk(budget.batches(batch_size), budget.d_sae, k=k, steps=steps, lr=lr, seed=budget.seed)
     seconds = time.perf_counter() - start
     d_in = plain.W_enc.shape[0]
-    model = SparseAutoencoder(d_in=d_in, d_sae=d_sae, encoder=lambda m: TopK(m, k=k), center_input=True)
+    model = SparseAutoencoder(d_in=d_in, d_sae=budget.d_sae, encoder=lambda m: TopK(m, k=k), center_input=True)
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(model, name).copy_(getattr(plain, name))
-    return Trained(seeded_name(PLAIN_TOPK, seed), model.eval(), seconds, steps * batch_size)
+    return Trained(budget.name(PLAIN_TOPK), model.eval(), seconds, steps * batch_size)
 
 
 def saelens_dead_window(batch_size: int) -> int:
@@ -212,39 +220,30 @@ def saelens_available() -> bool:
     return importlib.util.find_spec("sae_lens") is not None
 
 
-def fit_saelens(
-    architecture: str,
-    path: Path,
-    d_sae: int,
-    l0: float,
-    train_rows: int,
-    val_rows: int,
-    lr: float,
-    batch_size: int = 4096,
-    seed: int = 0,
-) -> Trained:
-    """SAELens' trainer with its ``topk`` SAE (k = ``l0``) or ``jumprelu`` SAE (quadratic L0 loss, target
-    ``l0``), at ``lr``, initialised after ``torch.manual_seed(seed)``."""
+def fit_saelens(architecture: str, budget: Budget, lr: float) -> Trained:
+    """SAELens' trainer with its ``topk`` SAE (k = the budget's L0) or ``jumprelu`` SAE (quadratic L0 loss,
+    target L0 the budget's), at ``lr``, initialised after ``torch.manual_seed`` of the budget's seed."""
     from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    batches = training_batches(path, batch_size, val_rows)
+    batch_size = budget.batch_size or DEFAULT_BATCH_SIZE
+    batches = budget.batches(batch_size)
     first = next(batches)
     common = {
         "d_in": first.shape[1],
-        "d_sae": d_sae,
+        "d_sae": budget.d_sae,
         "normalize_activations": "expected_average_only_in",
         "device": DEVICE,
     }
     sae: Any
-    torch.manual_seed(seed)
+    torch.manual_seed(budget.seed)
     if architecture == "topk":
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=max(1, round(l0)), **common))
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=max(1, round(budget.l0)), **common))
     else:
-        config = JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **common)
+        config = JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=budget.l0, **common)
         sae = JumpReLUTrainingSAE(config)
-    steps = max(1, train_rows // batch_size)
+    steps = budget.steps(batch_size)
     config = SAETrainerConfig(
         dead_feature_window=saelens_dead_window(batch_size),
         total_training_samples=steps * batch_size,
@@ -260,4 +259,4 @@ def fit_saelens(
     with tempfile.TemporaryDirectory() as directory:
         sae.save_inference_model(directory)
         model = load_export(directory)
-    return Trained(seeded_name(f"SAELens {architecture}", seed), model, seconds, steps * batch_size)
+    return Trained(budget.name(f"SAELens {architecture}"), model, seconds, steps * batch_size)

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from contenders import (
     PLAIN_TOPK,
+    Budget,
     Trained,
     add_recipes_argument,
     add_seed_argument,
@@ -50,7 +51,6 @@ from contenders import (
     fit_recipe,
     fit_saelens,
     saelens_available,
-    seeded_name,
 )
 from machine import hardware, load_average
 from torch import Tensor
@@ -262,20 +262,18 @@ def main() -> None:
     command = f".venv/bin/python benchmarks/recipe_quality.py {' '.join(sys.argv[1:])}".strip()
     for data in chosen.values():
         path = data.write(args.data_dir)
-        budget = (path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS)
-        seed = args.seed
-        contenders = {PLAIN_TOPK: lambda budget=budget: fit_plain_topk(*budget, lr=PLAIN_LR, seed=seed)}
+        budget = Budget(path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS, seed=args.seed)
+        contenders = {PLAIN_TOPK: lambda budget=budget: fit_plain_topk(budget, lr=PLAIN_LR)}
         contenders |= {
-            config.stem: lambda config=config, budget=budget: fit_recipe(config, *budget, seed=seed)
-            for config in configs
+            config.stem: lambda config=config, budget=budget: fit_recipe(config, budget) for config in configs
         }
         if saelens_available() and not args.no_saelens:
             contenders |= {
-                f"SAELens {arch}": lambda arch=arch, budget=budget: fit_saelens(arch, *budget, lr=PLAIN_LR, seed=seed)
+                f"SAELens {arch}": lambda arch=arch, budget=budget: fit_saelens(arch, budget, lr=PLAIN_LR)
                 for arch in ("topk", "jumprelu")
             }
         for method, train in contenders.items():
-            if args.resume and f"{data.name}/{seeded_name(method, seed)}" in results:
+            if args.resume and f"{data.name}/{budget.name(method)}" in results:
                 continue
             load = load_average()
             result = score(train(), path)

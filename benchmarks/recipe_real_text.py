@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from contenders import (
     PLAIN_TOPK,
+    Budget,
     Trained,
     add_recipes_argument,
     add_seed_argument,
@@ -144,12 +145,11 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = json.loads(args.results.read_text()) if args.results.exists() else {}
     results["_machine"] = {"machine": machine()}
-    common = {"path": args.data, "d_sae": args.d_sae, "l0": args.l0, "train_rows": args.rows, "val_rows": VAL_ROWS}
-    common |= {"batch_size": args.batch_size, "seed": args.seed}
-    contenders = [] if args.no_plain else [lambda: fit_plain_topk(**common, lr=args.lr)]
-    contenders += [lambda config=config: fit_recipe(config, **common) for config in chosen_recipes(args.recipes)]
+    budget = Budget(args.data, args.d_sae, args.l0, args.rows, VAL_ROWS, args.batch_size, args.seed)
+    contenders = [] if args.no_plain else [lambda: fit_plain_topk(budget, lr=args.lr)]
+    contenders += [lambda config=config: fit_recipe(config, budget) for config in chosen_recipes(args.recipes)]
     if saelens_available() and not args.no_saelens:
-        contenders += [lambda arch=arch: fit_saelens(arch, **common, lr=args.lr) for arch in ("topk", "jumprelu")]
+        contenders += [lambda arch=arch: fit_saelens(arch, budget, lr=args.lr) for arch in ("topk", "jumprelu")]
     for train in contenders:
         result = downstream(train(), args.data, args.text)
         results[result["method"]] = result

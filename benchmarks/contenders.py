@@ -24,7 +24,7 @@ import argparse
 import importlib.util
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,3 +260,20 @@ def fit_saelens(architecture: str, budget: Budget, lr: float) -> Trained:
         sae.save_inference_model(directory)
         model = load_export(directory)
     return Trained(budget.name(f"SAELens {architecture}"), model, seconds, steps * batch_size)
+
+
+def trainers(
+    budget: Budget, configs: list[Path], lr: float, plain: bool = True, saelens: bool = True
+) -> dict[str, Callable[[], Trained]]:
+    """Each contender's trainer on ``budget``, by its report name: the plain loop (unless ``plain`` is
+    false), every recipe of ``configs``, and SAELens' TopK and JumpReLU when ``saelens`` and it is
+    installed; the plain loop and SAELens at ``lr``."""
+    trainers: dict[str, Callable[[], Trained]] = {}
+    if plain:
+        trainers[budget.name(PLAIN_TOPK)] = lambda: fit_plain_topk(budget, lr)
+    for config in configs:
+        trainers[budget.name(config.stem)] = lambda config=config: fit_recipe(config, budget)
+    if saelens and saelens_available():
+        for architecture in ("topk", "jumprelu"):
+            trainers[budget.name(f"SAELens {architecture}")] = lambda arch=architecture: fit_saelens(arch, budget, lr)
+    return trainers

@@ -47,10 +47,7 @@ from contenders import (
     add_recipes_argument,
     add_seed_argument,
     chosen_recipes,
-    fit_plain_topk,
-    fit_recipe,
-    fit_saelens,
-    saelens_available,
+    trainers,
 )
 from machine import hardware, load_average
 from torch import Tensor
@@ -263,17 +260,8 @@ def main() -> None:
     for data in chosen.values():
         path = data.write(args.data_dir)
         budget = Budget(path, data.d_sae, data.true_l0, data.train_rows, VAL_ROWS, seed=args.seed)
-        contenders = {PLAIN_TOPK: lambda budget=budget: fit_plain_topk(budget, lr=PLAIN_LR)}
-        contenders |= {
-            config.stem: lambda config=config, budget=budget: fit_recipe(config, budget) for config in configs
-        }
-        if saelens_available() and not args.no_saelens:
-            contenders |= {
-                f"SAELens {arch}": lambda arch=arch, budget=budget: fit_saelens(arch, budget, lr=PLAIN_LR)
-                for arch in ("topk", "jumprelu")
-            }
-        for method, train in contenders.items():
-            if args.resume and f"{data.name}/{budget.name(method)}" in results:
+        for method, train in trainers(budget, configs, PLAIN_LR, saelens=not args.no_saelens).items():
+            if args.resume and f"{data.name}/{method}" in results:
                 continue
             load = load_average()
             result = score(train(), path)

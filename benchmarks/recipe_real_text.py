@@ -39,10 +39,7 @@ from contenders import (
     add_recipes_argument,
     add_seed_argument,
     chosen_recipes,
-    fit_plain_topk,
-    fit_recipe,
-    fit_saelens,
-    saelens_available,
+    trainers,
 )
 from machine import machine
 
@@ -146,11 +143,9 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = json.loads(args.results.read_text()) if args.results.exists() else {}
     results["_machine"] = {"machine": machine()}
     budget = Budget(args.data, args.d_sae, args.l0, args.rows, VAL_ROWS, args.batch_size, args.seed)
-    contenders = [] if args.no_plain else [lambda: fit_plain_topk(budget, lr=args.lr)]
-    contenders += [lambda config=config: fit_recipe(config, budget) for config in chosen_recipes(args.recipes)]
-    if saelens_available() and not args.no_saelens:
-        contenders += [lambda arch=arch: fit_saelens(arch, budget, lr=args.lr) for arch in ("topk", "jumprelu")]
-    for train in contenders:
+    configs = chosen_recipes(args.recipes)
+    chosen = trainers(budget, configs, args.lr, plain=not args.no_plain, saelens=not args.no_saelens)
+    for train in chosen.values():
         result = downstream(train(), args.data, args.text)
         results[result["method"]] = result
         print(

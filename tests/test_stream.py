@@ -185,6 +185,42 @@ def test_read_block_names_the_file_and_row_of_a_nan(id_file: Callable[..., Path]
         read_block(file, RowBlock(0, 32, 48), with_targets=True)
 
 
+@pytest.mark.parametrize("part_bytes", [stream.READ_PART_BYTES, 120])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("bad_row", range(5, 128, 16))
+@pytest.mark.parametrize("name", [format.ACTIVATIONS, format.TARGETS])
+def test_a_nan_anywhere_in_a_pass_is_named_by_its_row(
+    id_file: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    bad_row: int,
+    shuffle: bool,
+    part_bytes: int,
+) -> None:
+    # One bad row in each of the 8 blocks of 16 rows: shuffled, two blocks make the first window of
+    # 32 rows, one read by the consuming thread and one by the reading thread. 120 bytes are parts
+    # of 5 rows (16 bytes of activations, 8 of targets a row), across batches and halves.
+    monkeypatch.setattr(stream, "READ_PART_BYTES", part_bytes)
+    path = id_file("a.h5", 128, d_out=2)
+    with h5py.File(path, "a") as file:
+        file[name][bad_row, 1] = np.nan
+    with pytest.raises(UserError, match=rf"a.h5: '{name}' row {bad_row} holds NaN or Inf"):
+        list(make_stream([path], batch_size=8, buffer_rows=32, shuffle=shuffle))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_the_read_part_size_leaves_the_batches_alone(
+    id_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, shuffle: bool
+) -> None:
+    path = id_file("a.h5", 200, d_out=2)
+    whole = list(make_stream([path], batch_size=8, buffer_rows=48, shuffle=shuffle))
+    monkeypatch.setattr(stream, "READ_PART_BYTES", 120)
+    parts = list(make_stream([path], batch_size=8, buffer_rows=48, shuffle=shuffle))
+    assert len(whole) == len(parts) == 200 // 8
+    for (x1, y1), (x2, y2) in zip(whole, parts, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "chunked", "column chunks", "gzip", "big-endian"])
 def test_row_bytes_spans_hold_exactly_the_rows(tmp_path: Path, layout: str) -> None:
     rows = np.arange(60, dtype=np.float32).reshape(20, 3)

@@ -8,7 +8,7 @@ Usage::
         --tables device --workers 1 2 4 8
 
 Every case runs in its own interpreter, and importing torch and Lightning takes seconds: every
-table at 3 repeats is 37 processes, 52 with ``--device``. ``--tables`` picks some (the warm raw read, every
+table at 3 repeats is 43 processes, 58 with ``--device``. ``--tables`` picks some (the warm raw read, every
 ratio's reference, is always measured); each case's rate is printed to stderr as it ends.
 
 It writes a random activation file (kept and reused when it already has the asked shape), then
@@ -17,6 +17,8 @@ times in turn so that load from other processes hits every case alike, and repor
 with the spread (lowest–highest):
 
 - ``raw``: ``dataset[a:a+batch]`` over the file in order, a new array per batch: the reference.
+- ``chunks``: whole HDF5 chunks in a random order, the reads a shuffled loader makes (it permutes
+  chunk-sized blocks): cold, what the disk gives for them.
 - ``shuffle`` / ``ordered``: one epoch of the datamodule's training loader, shuffling on / off,
   with the file read into the page cache just before ("warm": the CPU cost of reading) and with the file's pages
   dropped first ("cold", ``posix_fadvise(DONTNEED)`` on this file only: the disk read of data
@@ -51,7 +53,7 @@ from typing import Any
 import numpy as np
 from machine import machine
 
-DATA_CASES = ("raw", "shuffle", "ordered")
+DATA_CASES = ("raw", "chunks", "shuffle", "ordered")
 TABLES = ("cache", "workers", "device", "training")
 """The report's tables: warm/cold readers, worker counts, the rate delivered to ``--device``, training."""
 GATHER_ROWS = 262_144
@@ -114,15 +116,20 @@ def measure_data(case: str, cold: bool, workers: int, device: str | None, args: 
         elif case != "gather":
             bring_into_page_cache(args.path)
 
-    if case == "raw":
+    if case in ("raw", "chunks"):
         file = open_for_reading(args.path)
         dataset = file[ACTIVATIONS]
-        stop = dataset.shape[0] // args.batch_size * args.batch_size
+        if case == "raw":
+            size = args.batch_size
+            starts = list(range(0, dataset.shape[0] // size * size, size))
+        else:
+            size = dataset.chunks[0]
+            starts = [size * int(i) for i in np.random.default_rng(0).permutation(dataset.shape[0] // size)]
 
         def one_pass() -> int:
-            for start in range(0, stop, args.batch_size):
-                dataset[start : start + args.batch_size]
-            return stop
+            for start in starts:
+                dataset[start : start + size]
+            return len(starts) * size
 
     elif case == "gather":
         in_memory = np.random.default_rng(0).standard_normal((GATHER_ROWS, args.d_in), dtype=np.float32)
@@ -215,6 +222,7 @@ def run_child(case: str) -> dict[str, Any]:
 
 DATA_NAMES = {
     "raw": "raw h5py, sequential slices",
+    "chunks": "raw h5py, chunks in random order",
     "shuffle": "train loader, shuffle on",
     "ordered": "train loader, shuffle off",
 }

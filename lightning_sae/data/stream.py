@@ -426,10 +426,11 @@ class ActivationStream(IterableDataset):
         Two window buffers alternate: while one is cut into batches, a background thread reads the
         next window into the other (``os.preadv`` and numpy's gather release the GIL, so they
         overlap on two cores). When shuffling, the first window, which nothing else overlaps, is read
-        half by each thread (in file order two threads reading one run of rows slow the disk read:
-        3.9M against 6.2M rows/s here), and the kernel is asked to fetch the window after next
-        from the disk: its blocks are out of file order, which the kernel's own read-ahead cannot
-        guess (in file order the hint only gets in its way: 1.0M against 1.8M rows/s here). The
+        half by each thread (in file order two threads reading one run of rows made the disk read
+        slower here: 2.9–5.0M against 5.0–6.4M rows/s), and the kernel is asked to fetch the window
+        after next from the disk: its blocks are out of file order, which the kernel's own
+        read-ahead cannot guess (in file order the hint only gets in its way: 1.0M against 1.8M
+        rows/s here). The
         reading thread also checks each window for NaN and Inf and draws its batch order, off the
         thread that cuts the batches: every row of a window reaches some batch. Each batch is a
         fresh array (the trainer may still hold the previous one when the buffer is refilled). The

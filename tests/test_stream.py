@@ -198,8 +198,8 @@ def test_a_nan_anywhere_in_a_pass_is_named_by_its_row(
     part_bytes: int,
 ) -> None:
     # One bad row in each of the 8 blocks of 16 rows: shuffled, two blocks make the first window of
-    # 32 rows, one read by the consuming thread and one by the reading thread. 120 bytes are parts
-    # of 5 rows (16 bytes of activations, 8 of targets a row), across batches and halves.
+    # 32 rows, one read by the consuming thread and one by the reading thread. Parts of 120 bytes
+    # (5 rows of 24 bytes) are read as whole blocks, one part each; by default a window is one part.
     monkeypatch.setattr(stream, "READ_PART_BYTES", part_bytes)
     path = id_file("a.h5", 128, d_out=2)
     with h5py.File(path, "a") as file:
@@ -219,6 +219,27 @@ def test_the_read_part_size_leaves_the_batches_alone(
     assert len(whole) == len(parts) == 200 // 8
     for (x1, y1), (x2, y2) in zip(whole, parts, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_whole_block_parts_group_pieces_in_order_without_splitting_one() -> None:
+    pieces = [RowBlock(0, start, start + rows) for start, rows in ((0, 3), (10, 4), (20, 9), (40, 2), (50, 1))]
+    parts = list(stream.whole_block_parts(pieces, 5))
+    assert parts == [pieces[:2], pieces[2:3], pieces[3:]]
+    assert list(stream.whole_block_parts(pieces, 1)) == [[piece] for piece in pieces]
+    assert list(stream.whole_block_parts([], 5)) == []
+
+
+def test_small_parts_still_read_whole_blocks(id_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A compressed chunk read in two parts would be decompressed twice.
+    monkeypatch.setattr(stream, "READ_PART_BYTES", 40)
+    read: list[RowBlock] = []
+    real_read = stream.OpenFiles.read
+    monkeypatch.setattr(
+        stream.OpenFiles, "read", lambda files, pieces, x, y: read.extend(pieces) or real_read(files, pieces, x, y)
+    )
+    list(make_stream([id_file("a.h5", 200)], batch_size=8, buffer_rows=48, shuffle=False))
+    assert sum(piece.rows for piece in read) == 200
+    assert all(piece.rows == 16 or piece.stop == 200 for piece in read)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "chunked", "column chunks", "gzip", "big-endian"])

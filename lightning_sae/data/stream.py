@@ -50,9 +50,9 @@ from lightning_sae.data.format import ACTIVATIONS, TARGETS, ActivationFileInfo, 
 from lightning_sae.errors import UserError
 
 READ_PART_BYTES = 4 * 2**20
-"""Window rows are read and checked for NaN and Inf in parts of about this size: checked right after
-its read, a part is still in the CPU's cache (checking a whole window after reading it reads it from
-memory again, 1.5× slower here)."""
+"""Window rows are read and checked for NaN and Inf in parts of at least this size (whole blocks):
+checked right after its read, a part is still in the CPU's cache (checking a whole window after
+reading it reads it from memory again, 1.5× slower here)."""
 
 Window = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
 """A window read into its buffer: activations, targets (or None) and its batch order (None unshuffled)."""
@@ -163,6 +163,22 @@ def all_finite(rows: np.ndarray) -> bool:
     if rows.dtype == np.float16:
         return bool(np.bitwise_and(rows.view(np.uint16), 0x7C00).max(initial=0) != 0x7C00)
     return bool(np.isfinite(np.einsum("ij->", rows))) or bool(np.isfinite(rows).all())
+
+
+def whole_block_parts(pieces: list[RowBlock], rows: int) -> Iterator[list[RowBlock]]:
+    """``pieces`` in consecutive groups of at least ``rows`` rows (the last may hold fewer), none
+    split: a piece is (part of) one chunk, and a compressed chunk read in two parts is decompressed
+    twice."""
+    part: list[RowBlock] = []
+    size = 0
+    for piece in pieces:
+        part.append(piece)
+        size += piece.rows
+        if size >= rows:
+            yield part
+            part, size = [], 0
+    if part:
+        yield part
 
 
 def read_block(file: h5py.File, block: RowBlock, with_targets: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -455,22 +471,23 @@ class ActivationStream(IterableDataset):
 
         def read_rows(index: int, first: int, stop: int) -> None:
             """Rows ``[first, stop)`` of window ``index`` into its buffer, checked finite part by part
-            while each part is still in the CPU's cache. The part that starts the window asks the
-            kernel for the next one."""
+            while each part is still in the CPU's cache. Reading from the window's first row on, it
+            first asks the kernel for the next window."""
             window_start = starts[index]
             if first == 0:
                 read_ahead(window_start + self.window_rows)
             x, y = window_buffer(index)
-            row_bytes = x[0].nbytes + (0 if y is None else y[0].nbytes)
-            part_rows = max(1, READ_PART_BYTES // row_bytes)
-            for start in range(first, stop, part_rows):
-                end = min(start + part_rows, stop)
-                parts = {ACTIVATIONS: x[start:end], TARGETS: None if y is None else y[start:end]}
-                files.read(rows.slice(window_start + start, window_start + end), parts[ACTIVATIONS], parts[TARGETS])
-                for name, part in parts.items():
-                    if part is not None and not all_finite(part):
-                        bad = rows.slice(window_start + start + first_not_finite(part), rows.rows)[0]
+            part_rows = max(1, READ_PART_BYTES // (x[0].nbytes + (0 if y is None else y[0].nbytes)))
+            start = first
+            for pieces in whole_block_parts(rows.slice(window_start + first, window_start + stop), part_rows):
+                end = start + sum(piece.rows for piece in pieces)
+                landed = {ACTIVATIONS: x[start:end], TARGETS: None if y is None else y[start:end]}
+                files.read(pieces, landed[ACTIVATIONS], landed[TARGETS])
+                for name, values in landed.items():
+                    if values is not None and not all_finite(values):
+                        bad = rows.slice(window_start + start + first_not_finite(values), rows.rows)[0]
                         raise not_finite_error(self.paths[bad.file], name, bad.start)
+                start = end
 
         def read_window(index: int, first: int = 0) -> Window:
             """Window ``index`` from its row ``first`` on read into its buffer; the whole window and

@@ -446,12 +446,11 @@ class ActivationStream(IterableDataset):
         slower here: 2.9–5.0M against 5.0–6.4M rows/s), and the kernel is asked to fetch the window
         after next from the disk: its blocks are out of file order, which the kernel's own
         read-ahead cannot guess (in file order the hint only gets in its way: 1.0M against 1.8M
-        rows/s here). The
-        reading thread also checks each window for NaN and Inf and draws its batch order, off the
-        thread that cuts the batches: every row of a window reaches some batch. Each batch is a
-        fresh array (the trainer may still hold the previous one when the buffer is refilled). The
-        buffers are kept for the next pass: first touching fresh memory is slower than reading it
-        from the page cache.
+        rows/s here). The reading thread also checks each window for NaN and Inf and draws its
+        batch order, off the thread that cuts the batches: every row of a window reaches some
+        batch. Each batch is a fresh array (the trainer may still hold the previous one when the
+        buffer is refilled). The buffers are kept for the next pass: first touching fresh memory is
+        slower than reading it from the page cache.
         """
         first_window = skip * self.batch_size // self.window_rows
         starts = list(range(first_window * self.window_rows, rows.rows, self.window_rows))

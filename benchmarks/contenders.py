@@ -268,12 +268,12 @@ def trainers(
     """Each contender's trainer on ``budget``, by its report name: the plain loop (unless ``plain`` is
     false), every recipe of ``configs``, and SAELens' TopK and JumpReLU when ``saelens`` and it is
     installed; the plain loop and SAELens at ``lr``."""
-    trainers: dict[str, Callable[[], Trained]] = {}
+    by_name: dict[str, Callable[[], Trained]] = {}
     if plain:
-        trainers[budget.name(PLAIN_TOPK)] = lambda: fit_plain_topk(budget, lr)
+        by_name[budget.name(PLAIN_TOPK)] = lambda: fit_plain_topk(budget, lr)
     for config in configs:
-        trainers[budget.name(config.stem)] = lambda config=config: fit_recipe(config, budget)
+        by_name[budget.name(config.stem)] = lambda config=config: fit_recipe(config, budget)
     if saelens and saelens_available():
         for architecture in ("topk", "jumprelu"):
-            trainers[budget.name(f"SAELens {architecture}")] = lambda arch=architecture: fit_saelens(arch, budget, lr)
-    return trainers
+            by_name[budget.name(f"SAELens {architecture}")] = lambda arch=architecture: fit_saelens(arch, budget, lr)
+    return by_name
